@@ -1,0 +1,202 @@
+"""Loading any local Hugging Face causal LM, quantized or not, and attaching LoRA.
+
+Sites load the base in 4-bit NF4 through bitsandbytes (which runs on CPU since 0.46);
+the coordinator loads it in full precision. Both check they hold the same base with
+`model_fingerprint`, a hash of the config and the weight files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fedmoe.shared.errors import FedmoeError
+
+QUANT_MODES = ("nf4", "int8", "none")
+
+# LoRA targets per architecture family: attention and MLP projections. Facts live in
+# the MLP as much as in attention, so the default adapts both.
+TARGET_MODULES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`auto` (or None) means CUDA when present, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FedmoeError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FedmoeError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise FedmoeError(f"not a Hugging Face model directory (no config.json): {path}")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(check_model_dir(path)))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(quant: str):
+    from transformers import BitsAndBytesConfig
+
+    if quant not in QUANT_MODES:
+        raise FedmoeError(f"unknown quantization {quant!r}: choose one of {', '.join(QUANT_MODES)}")
+    if quant == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        )
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(path: str | os.PathLike, quant: str = "none", device: str | None = None):
+    """Load a causal LM from a local directory; `quant` is nf4, int8 or none."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    qcfg = quantization_config(quant)
+    dev = pick_device(device)
+    kwargs: dict = {"dtype": torch.float32}
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FedmoeError(f"could not load model from {path}: {str(exc).splitlines()[0]}") from exc
+    if qcfg is None:
+        model.to(dev)
+    model.config.use_cache = False
+    return model
+
+
+def default_target_modules(model) -> list[str]:
+    """LoRA target module names for the model's architecture family."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in TARGET_MODULES:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        return [t for t in TARGET_MODULES[model_type] if t in present]
+    # Unknown family: every linear layer inside the decoder blocks.
+    names = set()
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D") and "lm_head" not in name:
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise FedmoeError(f"no linear layers found to adapt in model type {model_type!r}; pass target modules")
+    return sorted(names)
+
+
+def attach_lora(model, rank: int = 8, alpha: float | None = None, target_modules=None, dropout: float = 0.0):
+    """Wrap a base model with a fresh peft LoRA adapter named 'default'."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if rank < 1:
+        raise FedmoeError(f"LoRA rank must be >= 1, got {rank}")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        target_modules=list(target_modules or default_target_modules(model)),
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_quantized_4bit(model) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+_FINGERPRINT_FILES = (".safetensors", ".bin")
+_fingerprint_cache: dict[tuple, str] = {}
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over the model config (minus library-version fields) and every weight file.
+
+    Cached per process by (path, sizes, mtimes): a 7B model hashes once.
+    """
+    path = check_model_dir(path)
+    weights = sorted(p for p in path.iterdir() if p.suffix in _FINGERPRINT_FILES)
+    key = (str(path.resolve()),) + tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights)
+    if key in _fingerprint_cache:
+        return _fingerprint_cache[key]
+    config = json.loads((path / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"):
+        config.pop(volatile, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for p in weights:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    digest = "sha256:" + h.hexdigest()[:32]
+    _fingerprint_cache[key] = digest
+    return digest
+
+
+ADAPTER_META = "fedmoe_adapter.json"
+
+
+def save_adapter(peft_model, out: str | os.PathLike, base_fingerprint: str, **meta) -> Path:
+    """Save a standard peft adapter directory plus fedmoe's metadata (base fingerprint)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out))
+    (out / ADAPTER_META).write_text(json.dumps({"base_fingerprint": base_fingerprint, **meta}, indent=2, sort_keys=True))
+    return out
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike, base_fingerprint: str | None = None, adapter_name: str = "default", is_trainable: bool = False):
+    """Load a peft adapter directory onto a base (or peft) model, checking it was made for this base."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FedmoeError(f"not a peft adapter directory (no adapter_config.json): {adapter_dir}")
+    meta_path = adapter_dir / ADAPTER_META
+    if base_fingerprint and meta_path.is_file():
+        made_for = json.loads(meta_path.read_text()).get("base_fingerprint")
+        if made_for and made_for != base_fingerprint:
+            raise FedmoeError(f"adapter {adapter_dir} was made for base model {made_for}, but this base is {base_fingerprint}")
+    try:
+        if hasattr(model, "load_adapter") and hasattr(model, "peft_config"):
+            model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+            return model
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedmoeError(f"adapter {adapter_dir} does not fit this base model: {first[:200]}") from None

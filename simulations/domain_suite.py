@@ -1,0 +1,197 @@
+"""The generated multi-domain suite: sites with confidential domain facts.
+
+Each domain has facts the base model cannot know (made-up terms, and shared
+abbreviations whose meaning is drawn per domain by seed), so the only way to answer is
+to learn from the domain's sites. Design points:
+
+- **ambiguous terms**: the same abbreviations appear in every domain with a different
+  answer in each, so one adapter for all domains has to disambiguate by context;
+- **domain from wording**: prompts carry no tag, only domain vocabulary (roles, places,
+  documents) in shared templates;
+- **held-out phrasing**: evaluation uses templates never used for training;
+- **non-IID sites**: each site covers one sub-topic fully and a sample of the rest,
+  with unequal sizes, so no single site knows its whole domain.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmoe.shared.data import write_jsonl
+from fedmoe.shared.errors import FedmoeError
+
+
+@dataclass(frozen=True)
+class DomainVocab:
+    roles: tuple[str, ...]
+    places: tuple[str, ...]
+    documents: tuple[str, ...]
+    answers: tuple[str, ...]
+
+
+DOMAINS: dict[str, DomainVocab] = {
+    "medicine": DomainVocab(
+        ("physician", "nurse", "cardiologist", "surgeon", "pharmacist", "radiologist"),
+        ("clinic", "ward", "hospital", "emergency room", "pharmacy", "operating theatre"),
+        ("patient chart", "discharge note", "prescription", "lab report", "scan request"),
+        ("stent", "embolism", "insulin", "biopsy", "sepsis", "angina", "dialysis", "anemia", "catheter",
+         "fracture", "vaccine", "antibiotic", "tumor", "suture", "plasma", "artery", "kidney", "ulcer",
+         "asthma", "migraine", "infusion", "tremor", "lesion", "thyroid"),
+    ),
+    "law": DomainVocab(
+        ("attorney", "judge", "paralegal", "prosecutor", "notary", "barrister"),
+        ("court", "law firm", "tribunal", "chambers", "registry office", "appeals court"),
+        ("contract", "affidavit", "court filing", "statute", "deed", "ruling"),
+        ("injunction", "tort", "estoppel", "subpoena", "verdict", "easement", "probate", "lien", "indemnity",
+         "custody", "plea", "bail", "waiver", "covenant", "arbitration", "liability", "patent", "damages",
+         "warrant", "testimony", "escrow", "felony", "appeal", "trust"),
+    ),
+    "finance": DomainVocab(
+        ("banker", "trader", "auditor", "analyst", "fund manager", "accountant"),
+        ("bank", "trading floor", "brokerage", "treasury desk", "stock exchange", "credit union"),
+        ("ledger", "balance sheet", "prospectus", "loan agreement", "audit report", "portfolio"),
+        ("dividend", "bond", "equity", "hedge", "margin", "coupon", "yield", "collateral", "leverage",
+         "annuity", "futures", "liquidity", "mortgage", "swap", "inflation", "budget", "deposit", "credit",
+         "option", "tariff", "pension", "rebate", "ledger", "forex"),
+    ),
+    "telecom": DomainVocab(
+        ("network engineer", "field technician", "radio planner", "operator", "carrier analyst", "installer"),
+        ("network operations centre", "base station", "data centre", "cell site", "exchange", "fibre hub"),
+        ("router log", "link budget", "spectrum plan", "trouble ticket", "site survey", "traffic report"),
+        ("handover", "latency", "jitter", "antenna", "bandwidth", "modem", "firewall", "spectrum", "roaming",
+         "backhaul", "repeater", "protocol", "throughput", "packet", "gateway", "beamforming", "fibre",
+         "switch", "carrier", "multiplexer", "satellite", "codec", "cable", "uplink"),
+    ),
+    "aviation": DomainVocab(
+        ("pilot", "flight engineer", "air traffic controller", "dispatcher", "mechanic", "navigator"),
+        ("hangar", "control tower", "airfield", "cockpit", "flight deck", "terminal"),
+        ("flight plan", "logbook", "weather briefing", "maintenance card", "checklist", "load sheet"),
+        ("aileron", "runway", "altimeter", "rudder", "turbine", "glide", "taxiway", "flap", "stall", "fuselage",
+         "propeller", "beacon", "transponder", "autopilot", "landing", "throttle", "cargo", "heading",
+         "crosswind", "pitot", "elevator", "wingtip", "descent", "holding"),
+    ),
+    "agriculture": DomainVocab(
+        ("agronomist", "farmer", "soil scientist", "veterinarian", "grower", "harvester"),
+        ("farm", "greenhouse", "orchard", "barn", "field station", "co-operative"),
+        ("crop report", "soil sample", "seed catalogue", "yield log", "irrigation plan", "herd record"),
+        ("tillage", "compost", "fallow", "silage", "mulch", "pesticide", "seedling", "harvest", "fertiliser",
+         "pasture", "drought", "graft", "manure", "irrigation", "tractor", "orchard", "hybrid", "cattle",
+         "wheat", "barley", "pollen", "weevil", "hay", "furrow"),
+    ),
+}
+
+# The same abbreviations occur in every domain, meaning something different in each.
+AMBIGUOUS_TERMS = ("ACS", "PE", "APR", "BER", "SLA", "MOU", "RTO", "DPA")
+
+TRAIN_TEMPLATES = (
+    "The {role} at the {place} asked what {term} means. Answer:",
+    "Question from a {role}: in the {document}, what is {term}? Answer:",
+    "At the {place}, the {document} mentions {term}. What is it? Answer:",
+    "A {role} here wants {term} explained, as used in the {place}. Answer:",
+    "While reviewing the {document}, the {role} needed the meaning of {term}. Answer:",
+    "What does {term} refer to for a {role} in the {place}? Answer:",
+)
+EVAL_TEMPLATES = (
+    "A {role} in the {place} reads {term} in the {document}. Meaning? Answer:",
+    "Tell the {role} what {term} means in this {place}. Answer:",
+    "In the {document} from the {place}, the term {term} denotes what? Answer:",
+)
+
+SYLLABLES = ("zor", "vat", "kel", "trax", "mib", "dro", "qua", "fen", "lux", "pry", "sol", "nak", "ver", "tis", "gol", "rum", "bex", "dal", "yon", "cri")
+
+
+def term_pool() -> tuple[str, ...]:
+    """A fixed pool of made-up words; the suite draws its terms from it by seed."""
+    rng = random.Random(1234)
+    words: list[str] = []
+    while len(words) < 240:
+        w = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3))))
+        if w not in words:
+            words.append(w)
+    return tuple(words)
+
+
+def general_lexicon() -> tuple[str, ...]:
+    """Every word the suite uses in prompts and answers, for the base model's pretraining
+    corpus: the base knows the words, never which term means which."""
+    words: set[str] = set(AMBIGUOUS_TERMS) | set(term_pool())
+    for v in DOMAINS.values():
+        words.update(v.roles + v.places + v.documents + v.answers)
+    return tuple(sorted(words))
+
+
+@dataclass(frozen=True)
+class Fact:
+    domain: str
+    term: str
+    answer: str
+    subtopic: int
+
+
+def domain_facts(domains: list[str], seed: int, terms_per_domain: int = 12, subtopics: int = 2) -> dict[str, list[Fact]]:
+    rng = random.Random(seed)
+    pool = list(term_pool())
+    rng.shuffle(pool)
+    facts: dict[str, list[Fact]] = {}
+    for d in domains:
+        answers = list(DOMAINS[d].answers)
+        rng.shuffle(answers)
+        terms = list(AMBIGUOUS_TERMS) + [pool.pop() for _ in range(terms_per_domain)]
+        facts[d] = [Fact(d, t, answers[i % len(answers)], i % subtopics) for i, t in enumerate(terms)]
+    return facts
+
+
+def render(fact: Fact, template: str, rng: random.Random) -> dict:
+    v = DOMAINS[fact.domain]
+    prompt = template.format(role=rng.choice(v.roles), place=rng.choice(v.places), document=rng.choice(v.documents), term=fact.term)
+    return {"prompt": prompt, "completion": " " + fact.answer}
+
+
+def make_suite(out: str | Path, domains: int | list[str] = 4, sites: int = 8, seed: int = 0, train_per_fact: int = 8, eval_per_fact: int = 2) -> dict:
+    """Write the suite; return a summary {sites: [...], domains: [...], mixed_eval: n}."""
+    names = list(DOMAINS)[:domains] if isinstance(domains, int) else list(domains)
+    if isinstance(domains, int) and not 1 <= domains <= len(DOMAINS):
+        raise FedmoeError(f"--domains must be between 1 and {len(DOMAINS)}, got {domains}")
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown:
+        raise FedmoeError(f"unknown domain {unknown[0]!r}: known domains are {', '.join(DOMAINS)}")
+    if sites < len(names):
+        raise FedmoeError(f"--sites ({sites}) must be at least the number of domains ({len(names)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    facts = domain_facts(names, seed)
+    summary = {"domains": names, "sites": [], "seed": seed}
+    per_domain_index: dict[str, int] = {d: 0 for d in names}
+    for s in range(sites):
+        domain = names[s % len(names)]
+        k = per_domain_index[domain]
+        per_domain_index[domain] += 1
+        primary = k % 2
+        own = [f for f in facts[domain] if f.subtopic == primary]
+        others = [f for f in facts[domain] if f.subtopic != primary]
+        covered = own + rng.sample(others, k=max(1, len(others) // 4))
+        size_factor = rng.choice((0.75, 1.0, 1.25, 1.5))
+        n_train = max(1, round(train_per_fact * size_factor))
+        train, evals = [], []
+        for f in covered:
+            train += [render(f, TRAIN_TEMPLATES[rng.randrange(len(TRAIN_TEMPLATES))], rng) for _ in range(n_train)]
+            evals += [render(f, EVAL_TEMPLATES[i % len(EVAL_TEMPLATES)], rng) for i in range(eval_per_fact)]
+        rng.shuffle(train)
+        site_dir = out / f"site-{s:02d}"
+        site_dir.mkdir(exist_ok=True)
+        write_jsonl(site_dir / "train.jsonl", train)
+        write_jsonl(site_dir / "eval.jsonl", evals)
+        (site_dir / "site.toml").write_text(f'domain = "{domain}"\n')
+        summary["sites"].append({"site": site_dir.name, "domain": domain, "train": len(train), "eval": len(evals)})
+    mixed = []
+    for d in names:
+        for f in facts[d]:
+            for i in range(eval_per_fact):
+                mixed.append(render(f, EVAL_TEMPLATES[(i + 1) % len(EVAL_TEMPLATES)], rng) | {"domain": d})
+    rng.shuffle(mixed)
+    write_jsonl(out / "mixed-eval.jsonl", mixed)
+    summary["mixed_eval"] = len(mixed)
+    return summary
