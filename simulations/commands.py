@@ -15,6 +15,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
     p.set_defaults(func=cmd_make_suite)
+    register_bench(sub)
 
 
 def cmd_make_suite(args) -> int:
@@ -28,4 +29,47 @@ def cmd_make_suite(args) -> int:
     for s in summary["sites"]:
         print(f"{s['site']:<10}{s['domain']:<12}{s['train']:>7}{s['eval']:>6}")
     print(f"mixed-eval.jsonl: {summary['mixed_eval']} records across {', '.join(summary['domains'])} -> {args.out}")
+    return 0
+
+
+# `fedmoe bench NAME`: one module per benchmark in fedmoe.simulations.benchmarks, one line here.
+BENCHMARKS = {
+    "memory": ("fedmoe.simulations.benchmarks.memory", "peak memory and tokens/s of LoRA training, nf4 vs none"),
+}
+
+
+def register_bench(sub) -> None:
+    import importlib
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON + PNG, ratios measured side by side)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        p = bsub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.add_argument("--out", help="folder for the JSON result and plot (default: bench-results/)")
+        add_json_flag(p)
+        p.set_defaults(func=lambda args, m=module, n=name: run_bench(n, m, args))
+
+
+def run_bench(name: str, module, args) -> int:
+    import json
+    from pathlib import Path
+
+    result = module.run(args)
+    out = Path(args.out or "bench-results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    if hasattr(module, "plot"):
+        module.plot(result, out / f"{name}.png")
+    if args.json:
+        print_json(result)
+    else:
+        print(module.summary(result) if hasattr(module, "summary") else json.dumps(result, indent=2, default=str))
+        print(f"wrote {out / (name + '.json')}")
     return 0

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's main job: full set-up, then a simulated federation on the embedded default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec fedmoe simulate --preset default --out runs/default "$@"

@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny default model (built once, cached under FEDMOE_HOME), a
+generated suite, and one trained adapter per domain. Everything heavy is session-scoped
+so the whole suite builds it once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from fedmoe.shared.pretrain import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def suite_dir(tmp_path_factory) -> Path:
+    from fedmoe.simulations.domain_suite import make_suite
+
+    out = tmp_path_factory.mktemp("suite")
+    make_suite(out, domains=4, sites=8, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def domain_adapters(tiny_model_dir, suite_dir, tmp_path_factory) -> dict[str, Path]:
+    """One LoRA adapter per domain, trained locally (unquantized, for speed) on the
+    domain's sites: stand-ins for federated experts in tests that need experts."""
+    from fedmoe.client.trainer import SiteTrainer
+    from fedmoe.shared.data import find_sites, load_site
+    from fedmoe.shared.modeling import save_adapter
+    from fedmoe.shared.training import TrainConfig
+
+    out = tmp_path_factory.mktemp("adapters")
+    sites = [load_site(p) for p in find_sites(suite_dir)]
+    trainer = SiteTrainer(tiny_model_dir, quant="none", rank=8)
+    adapters = {}
+    for domain in sorted({s.domain for s in sites}):
+        records = [r for s in sites if s.domain == domain for r in s.train]
+        trainer.set_adapter(None)
+        trainer.train(records, TrainConfig(steps=80, seed=0))
+        adapters[domain] = save_adapter(trainer.model, out / domain, trainer.fingerprint, domain=domain)
+    return adapters
