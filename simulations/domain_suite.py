@@ -99,6 +99,8 @@ EVAL_TEMPLATES = (
     "In the {document} from the {place}, the term {term} denotes what? Answer:",
 )
 
+SIZE_FACTORS = (0.75, 1.0, 1.25, 1.5)  # site train size = factor * train_per_fact per covered fact
+
 SYLLABLES = ("zor", "vat", "kel", "trax", "mib", "dro", "qua", "fen", "lux", "pry", "sol", "nak", "ver", "tis", "gol", "rum", "bex", "dal", "yon", "cri")
 
 
@@ -165,6 +167,7 @@ def make_suite(out: str | Path, domains: int | list[str] = 4, sites: int = 8, se
     facts = domain_facts(names, seed)
     summary = {"domains": names, "sites": [], "seed": seed}
     per_domain_index: dict[str, int] = {d: 0 for d in names}
+    used_sizes: dict[str, set[float]] = {}
     for s in range(sites):
         domain = names[s % len(names)]
         k = per_domain_index[domain]
@@ -173,7 +176,13 @@ def make_suite(out: str | Path, domains: int | list[str] = 4, sites: int = 8, se
         own = [f for f in facts[domain] if f.subtopic == primary]
         others = [f for f in facts[domain] if f.subtopic != primary]
         covered = own + rng.sample(others, k=max(1, len(others) // 4))
-        size_factor = rng.choice((0.75, 1.0, 1.25, 1.5))
+        size_factor = rng.choice(SIZE_FACTORS)
+        # Sites of one domain get unequal sizes while there are sizes left to give.
+        taken = used_sizes.setdefault(domain, set())
+        if size_factor in taken and len(taken) < len(SIZE_FACTORS):
+            i = SIZE_FACTORS.index(size_factor)
+            size_factor = next(f for f in SIZE_FACTORS[i:] + SIZE_FACTORS[:i] if f not in taken)
+        taken.add(size_factor)
         n_train = max(1, round(train_per_fact * size_factor))
         train, evals = [], []
         for f in covered:
