@@ -43,6 +43,11 @@ class AdapterSpec:
         return cls(modules)
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian C-order bytes of any dtype (numpy has no bfloat16)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def module_of(key: str) -> tuple[str, str]:
     for suffix, which in ((A_SUFFIX, "A"), (B_SUFFIX, "B")):
         if key.endswith(suffix):
@@ -99,7 +104,7 @@ class LoraDelta:
             h.update(name.encode())
             h.update(str(t.dtype).removeprefix("torch.").encode())
             h.update(repr(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
+            h.update(tensor_bytes(t))
         return h.hexdigest()
 
     # -- peft ------------------------------------------------------------------
@@ -181,7 +186,7 @@ class LoraDelta:
         msg = pb.LoraDelta(rank=self.rank, alpha=self.alpha, base_fingerprint=self.base_fingerprint, checksum=self.checksum())
         for name in sorted(self.tensors):
             t = self.tensors[name].detach().cpu().contiguous()
-            msg.tensors.add(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data=t.numpy().tobytes())
+            msg.tensors.add(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data=tensor_bytes(t))
         return msg
 
     @classmethod
@@ -191,9 +196,10 @@ class LoraDelta:
         for t in msg.tensors:
             if t.dtype not in np_dtypes:
                 raise DeltaValidationError(f"tensor {t.name!r}: unsupported dtype {t.dtype!r}")
+            itemsize = np.dtype(np_dtypes[t.dtype]).itemsize
+            if len(t.data) != itemsize * math.prod(t.shape):
+                raise DeltaValidationError(f"tensor {t.name!r}: {len(t.data)} bytes do not fill shape {list(t.shape)} of {t.dtype}")
             arr = np.frombuffer(t.data, dtype=np_dtypes[t.dtype])
-            if arr.size != math.prod(t.shape):
-                raise DeltaValidationError(f"tensor {t.name!r}: {arr.size} values do not fill shape {list(t.shape)}")
             tensors[t.name] = torch.from_numpy(arr.reshape(tuple(t.shape)).copy())
         delta = cls(tensors, int(msg.rank), float(msg.alpha), msg.base_fingerprint)
         if msg.checksum:
