@@ -95,6 +95,8 @@ def train_lora(model, tokenizer, records: list[Record], cfg: TrainConfig, progre
     """
     if not records:
         raise FedmoeError("no training records")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise FedmoeError(f"training steps and batch size must be >= 1, got steps={cfg.steps}, batch size={cfg.batch_size}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise FedmoeError("model has no trainable parameters (attach a LoRA adapter first)")
