@@ -200,3 +200,20 @@ def load_adapter(model, adapter_dir: str | os.PathLike, base_fingerprint: str | 
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FedmoeError(f"adapter {adapter_dir} does not fit this base model: {first[:200]}") from None
+
+
+def adapter_spec_for(model_dir: str | os.PathLike, rank: int = 8, target_modules=None):
+    """The LoRA module shapes of a model, built on the meta device (no weights loaded),
+    so a coordinator can validate updates for a 7B base without holding it."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedmoe.shared.delta import AdapterSpec
+
+    config = AutoConfig.from_pretrained(str(check_model_dir(model_dir)))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    targets = list(target_modules or default_target_modules(model))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, target_modules=targets, task_type="CAUSAL_LM"))
+    return AdapterSpec.from_peft_model(peft_model)

@@ -15,6 +15,17 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
     p.set_defaults(func=cmd_make_suite)
+
+    s = sub.add_parser("simulate", help="run a whole federation on this machine (Flower Simulation Engine)")
+    s.add_argument("--preset", default="smoke", choices=["smoke", "default"], help="scenario size (default: smoke)")
+    s.add_argument("--data-dir", help="suite folder of site folders + mixed-eval.jsonl (default: generated)")
+    s.add_argument("--rounds", type=int, help="federated rounds (default: the preset's)")
+    s.add_argument("--aggregation", default="exact", choices=["exact", "naive"], help="exact (default) or naive FedIT")
+    s.add_argument("--out", required=True, help="run folder to write (run.db, experts/, report.*)")
+    s.add_argument("--ray-address", help="run on an existing Ray cluster at this address")
+    s.add_argument("--no-baselines", action="store_true", help="skip local_only, fedavg_single and centralized")
+    add_json_flag(s)
+    s.set_defaults(func=cmd_simulate)
     register_bench(sub)
 
 
@@ -32,9 +43,23 @@ def cmd_make_suite(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from fedmoe.simulations.simulate import report_table, simulate
+
+    report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
+                      baselines=not args.no_baselines)
+    if args.json:
+        print_json(report)
+    else:
+        print(report_table(report))
+        print(f"wall {report['wall_seconds']:.0f}s; report: {args.out}/report.md")
+    return 0
+
+
 # `fedmoe bench NAME`: one module per benchmark in fedmoe.simulations.benchmarks, one line here.
 BENCHMARKS = {
     "memory": ("fedmoe.simulations.benchmarks.memory", "peak memory and tokens/s of LoRA training, nf4 vs none"),
+    "edge": ("fedmoe.simulations.benchmarks.edge", "tokens/s, first-token latency and size: onnxruntime fp32/int8 vs torch eager"),
 }
 
 

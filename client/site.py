@@ -1,0 +1,84 @@
+"""What a site does for each message, independent of transport.
+
+The ClientApp (simulation and deployment) and the site daemon call these functions; a
+site's settings come from its Flower node config (`data-path`, `domain`, `rank`,
+`quant`, optional `model-path`). The trained model and the data are cached per process,
+so a long-lived process (simulation actor, site daemon) loads the base model once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmoe.shared.data import Site, load_site
+from fedmoe.shared.delta import LoraDelta
+from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    data_path: str
+    domain: str | None = None
+    rank: int = 8
+    quant: str = "nf4"
+    model_path: str | None = None
+
+    @classmethod
+    def from_node_config(cls, cfg) -> "SiteSettings":
+        if "data-path" not in cfg:
+            raise FedmoeError("node config lacks 'data-path' (start the site with --data DIR)")
+        return cls(str(cfg["data-path"]), cfg.get("domain") or None, int(cfg.get("rank", 8)),
+                   str(cfg.get("quant", "nf4")), cfg.get("model-path") or None)
+
+
+_trainers: dict = {}
+_sites: dict = {}
+
+
+def site_data(settings: SiteSettings) -> Site:
+    key = (settings.data_path, settings.domain)
+    if key not in _sites:
+        _sites[key] = load_site(settings.data_path, settings.domain)
+    return _sites[key]
+
+
+def trainer_for(settings: SiteSettings):
+    from fedmoe.client.trainer import SiteTrainer
+
+    model_dir = settings.model_path
+    if not model_dir:
+        from fedmoe.shared.pretrain import ensure_default_model
+
+        model_dir = str(ensure_default_model())
+    key = (model_dir, settings.quant, settings.rank)
+    if key not in _trainers:
+        _trainers[key] = SiteTrainer(model_dir, settings.quant, settings.rank)
+    return _trainers[key]
+
+
+def describe(settings: SiteSettings) -> dict:
+    site = site_data(settings)
+    trainer = trainer_for(settings)
+    return {"site": Path(settings.data_path).name, "domain": site.domain, "rank": settings.rank, "quant": settings.quant,
+            "fingerprint": trainer.fingerprint, "num-examples": len(site.train)}
+
+
+def train(settings: SiteSettings, delta: LoraDelta, cfg: TrainConfig) -> tuple[LoraDelta, dict]:
+    site = site_data(settings)
+    trainer = trainer_for(settings)
+    trainer.set_adapter(delta)
+    new, result = trainer.train(site.train, cfg)
+    return new, {"num-examples": len(site.train), "train-loss": result.final_loss, "seconds": result.seconds,
+                 "tokens": result.tokens}
+
+
+def evaluate(settings: SiteSettings, delta: LoraDelta) -> dict:
+    site = site_data(settings)
+    trainer = trainer_for(settings)
+    trainer.set_adapter(delta)
+    if not site.eval:
+        return {"num-examples": 0}
+    r = trainer.evaluate(site.eval)
+    return {"num-examples": r.count, "eval-accuracy": r.accuracy, "eval-loss": r.loss}

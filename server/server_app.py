@@ -1,0 +1,143 @@
+"""The Flower ServerApp: a QUERY round to learn who the sites are, then training rounds
+of `DomainExpertStrategy`, each committed to the run store before the next starts."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedmoe.server.experts import save_expert
+from fedmoe.server.run_store import RunStore
+from fedmoe.server.strategy import SINGLE_EXPERT, DomainExpertStrategy, Node, StrategyConfig, send_round
+from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
+from fedmoe.shared.runs import write_run_info
+
+
+@dataclass
+class FederationPlan:
+    model_dir: str
+    out_dir: str
+    rounds: int = 3
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    expected_nodes: int = 1
+    node_wait: float = 120.0  # seconds to wait for `expected_nodes` to connect
+    query_timeout: float = 300.0
+    preset: str = "custom"
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= expected or time.monotonic() >= deadline:
+            return ids
+        time.sleep(0.5)
+
+
+def query_sites(grid: Grid, node_ids: list[int], timeout: float) -> list[tuple[int, dict | None, str | None]]:
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.describe") for n in node_ids]
+    sent = [("query", None, m) for m in msgs]
+    replies = send_round(grid, sent, timeout)
+    out = []
+    for node_id, reply in zip(node_ids, replies):
+        if reply is None:
+            out.append((node_id, None, "no reply to describe"))
+        elif reply.has_error():
+            out.append((node_id, None, f"site error: {reply.error.reason}"[:300]))
+        else:
+            out.append((node_id, dict(reply.content["config"]), None))
+    return out
+
+
+def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
+    out = Path(plan.out_dir)
+    fingerprint = model_fingerprint(plan.model_dir)
+    spec = adapter_spec_for(plan.model_dir)
+    strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint)
+    store = RunStore(out)
+    store.start_run(plan.preset, plan.strategy.seed, asdict(plan))
+    write_run_info(out, model=str(plan.model_dir), base_fingerprint=fingerprint, preset=plan.preset,
+                   seed=plan.strategy.seed, aggregation=plan.strategy.aggregation, rounds=plan.rounds)
+    node_ids = wait_for_nodes(grid, plan.expected_nodes, plan.node_wait)
+    if not node_ids:
+        store.finish_run("failed")
+        raise FedmoeError(f"no site connected within {plan.node_wait:.0f}s")
+    for node_id, info, error in query_sites(grid, node_ids, plan.query_timeout):
+        if info is None:
+            progress(f"site node {node_id} left out: {error}")
+            continue
+        node = Node(node_id, str(info["site"]), str(info["domain"]), int(info["rank"]), str(info["fingerprint"]),
+                    int(info["num-examples"]))
+        reason = strategy.add_node(node)
+        store.upsert_site(node_id, node.site, node.domain, node.rank, node.fingerprint, node.num_examples)
+        if reason:
+            progress(f"site {node.site} refused: {reason}")
+    groups = strategy.groups()
+    if not groups:
+        store.finish_run("failed")
+        raise FedmoeError("no usable site answered the describe query")
+    progress("experts: " + ", ".join(f"{e} ({len(n)} sites, ranks {sorted({x.rank for x in n})})" for e, n in groups.items()))
+    history = []
+    for rnd in range(1, plan.rounds + 1):
+        store.begin_round(rnd)
+        started = time.perf_counter()
+        sent = strategy.configure_train(rnd)
+        replies = send_round(grid, sent, plan.strategy.round_timeout)
+        result = strategy.aggregate_train(rnd, sent, replies)
+        store.commit_round(rnd, result.participation, result.metrics, result.rejections,
+                           {e: strategy.expert_delta(e) for e in strategy.experts})
+        for p in result.participation:
+            store.touch_site(p["node_id"]) if p["status"] == "ok" else None
+        for expert, m in result.metrics.items():
+            nbytes = sum(p.get("bytes_in", 0) + p.get("bytes_out", 0) for p in result.participation if p["expert"] == expert)
+            progress(f"round {rnd}/{plan.rounds}  {expert:<10} loss {m.get('train_loss', float('nan')):.3f}  "
+                     f"sites ok {int(m.get('sites_ok', 0))} failed {int(m.get('sites_failed', 0))}  {nbytes / 1e6:.2f} MB")
+        for r in result.rejections:
+            progress(f"round {rnd}: rejected update from node {r['node_id']} ({r['expert']}): {r['reason']}")
+        history.append({"round": rnd, "seconds": time.perf_counter() - started, "metrics": result.metrics})
+    for expert in strategy.experts:
+        target = out / ("baselines/fedavg_single" if expert == SINGLE_EXPERT else f"experts/{expert}")
+        save_expert(strategy.expert_delta(expert), target, plan.model_dir, domain=expert,
+                    aggregation=plan.strategy.aggregation, rounds=plan.rounds)
+    store.finish_run("finished")
+    store.close()
+    return {"history": history, "experts": sorted(e for e in strategy.experts if e != SINGLE_EXPERT)}
+
+
+def build_server_app(plan: FederationPlan | None = None, results: dict | None = None) -> ServerApp:
+    """`plan` given: simulation. Otherwise the plan is read from the run config (deployment)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_federation(grid, plan or plan_from_run_config(context.run_config))
+        if results is not None:
+            results.update(summary)
+
+    return app
+
+
+def plan_from_run_config(cfg) -> FederationPlan:
+    from fedmoe.shared.pretrain import ensure_default_model
+
+    strategy = StrategyConfig(
+        local_steps=int(cfg.get("local-steps", 30)), batch_size=int(cfg.get("batch-size", 16)), lr=float(cfg.get("lr", 3e-3)),
+        seed=int(cfg.get("seed", 0)), aggregation=str(cfg.get("aggregation", "exact")),
+        fraction=float(cfg.get("fraction", 1.0)), min_nodes=int(cfg.get("min-nodes", 1)),
+        round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)))
+    return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
+                          rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),
+                          node_wait=float(cfg.get("node-wait", 120)), preset="deployed")
+
+
+app = build_server_app()

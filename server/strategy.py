@@ -1,0 +1,193 @@
+"""`DomainExpertStrategy`: one LoRA expert per domain, trained by that domain's sites.
+
+Round by round: sample each expert's nodes (fraction, minimum), send each node the
+expert sliced to its rank, collect replies within a deadline (late or failed nodes
+are counted, never waited on forever), validate every reply (keys, shapes, dtypes,
+finite, norm bound, base fingerprint, checksum) and aggregate the accepted ones —
+exactly (Σ p_k s_k B_k A_k, re-factorized by truncated SVD) or naively (FedIT).
+An optional `all` expert trained by every node gives the `fedavg_single` baseline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedmoe.server.aggregation import (LowRank, exact_lora_aggregate, initial_adapter, naive_lora_aggregate,
+                                       to_site_delta)
+from fedmoe.shared.delta import AdapterSpec, LoraDelta
+from fedmoe.shared.errors import DeltaValidationError, FedmoeError
+
+SINGLE_EXPERT = "all"
+
+
+@dataclass
+class StrategyConfig:
+    local_steps: int = 30
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+    aggregation: str = "exact"  # exact | naive
+    fraction: float = 1.0
+    min_nodes: int = 1
+    round_timeout: float = 900.0
+    prox_mu: float = 0.0
+    max_update_norm: float = 1e4
+    single_expert: bool = False
+    alpha_per_rank: float = 2.0  # alpha = 2 r, the peft habit
+
+
+@dataclass
+class Node:
+    node_id: int
+    site: str
+    domain: str
+    rank: int
+    fingerprint: str
+    num_examples: int
+
+
+@dataclass
+class RoundResult:
+    participation: list[dict] = field(default_factory=list)
+    rejections: list[dict] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class DomainExpertStrategy:
+    def __init__(self, cfg: StrategyConfig, spec: AdapterSpec, fingerprint: str):
+        if cfg.aggregation not in ("exact", "naive"):
+            raise FedmoeError(f"unknown aggregation {cfg.aggregation!r}: choose exact or naive")
+        self.cfg, self.spec, self.fingerprint = cfg, spec, fingerprint
+        self.nodes: dict[int, Node] = {}
+        self.experts: dict[str, dict[str, LowRank]] = {}
+        self.rng = random.Random(cfg.seed)
+        self._init: dict[int, LoraDelta] = {}
+
+    # -- membership ------------------------------------------------------------
+    def add_node(self, node: Node) -> str | None:
+        """Register a node from its QUERY reply; returns a rejection reason or None."""
+        if node.fingerprint != self.fingerprint:
+            return f"base model {node.fingerprint} differs from the coordinator's {self.fingerprint}"
+        self.nodes[node.node_id] = node
+        return None
+
+    def groups(self) -> dict[str, list[Node]]:
+        out: dict[str, list[Node]] = {}
+        for n in self.nodes.values():
+            out.setdefault(n.domain, []).append(n)
+        if self.cfg.single_expert:
+            out[SINGLE_EXPERT] = list(self.nodes.values())
+        return dict(sorted(out.items()))
+
+    def max_rank(self, expert: str) -> int:
+        return max(n.rank for n in self.groups()[expert])
+
+    def init_adapter(self, rank: int) -> LoraDelta:
+        if rank not in self._init:
+            r_max = max(n.rank for n in self.nodes.values())
+            full = initial_adapter(self.spec, max(r_max, rank), self.cfg.alpha_per_rank * rank, self.fingerprint, self.cfg.seed)
+            factors = {m: (full.factors(m)[0][:rank], full.factors(m)[1][:, :rank]) for m in full.modules()}
+            self._init[rank] = LoraDelta.from_factors(factors, rank, self.cfg.alpha_per_rank * rank, self.fingerprint)
+        return self._init[rank]
+
+    def expert_for_rank(self, expert: str, rank: int) -> LoraDelta:
+        init = self.init_adapter(rank)
+        if expert not in self.experts:
+            return init
+        return to_site_delta(self.experts[expert], rank, self.cfg.alpha_per_rank * rank, self.fingerprint, init)
+
+    # -- rounds ----------------------------------------------------------------
+    def sample(self, nodes: list[Node]) -> list[Node]:
+        k = max(self.cfg.min_nodes, round(self.cfg.fraction * len(nodes)))
+        return sorted(self.rng.sample(nodes, min(k, len(nodes))), key=lambda n: n.node_id)
+
+    def configure_train(self, rnd: int) -> list[tuple[str, Node, Message]]:
+        out = []
+        for expert, nodes in self.groups().items():
+            for node in self.sample(nodes):
+                delta = self.expert_for_rank(expert, node.rank)
+                arrays, meta = delta.to_records()
+                config = ConfigRecord(dict(meta) | {
+                    "expert": expert, "round": rnd, "steps": self.cfg.local_steps, "batch-size": self.cfg.batch_size,
+                    "lr": self.cfg.lr, "seed": self.cfg.seed * 100003 + rnd * 1009 + node.node_id % 1000,
+                    "prox-mu": self.cfg.prox_mu})
+                msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node.node_id, message_type="train")
+                out.append((expert, node, msg))
+        return out
+
+    def aggregate_train(self, rnd: int, sent: list[tuple[str, Node, Message]], replies: list[Message | None]) -> RoundResult:
+        """`replies[i]` answers `sent[i]` (None: no reply by the deadline)."""
+        result = RoundResult()
+        accepted: dict[str, list[tuple[LoraDelta, float, dict]]] = {}
+        for (expert, node, msg), reply in zip(sent, replies):
+            bytes_out = sum(a.numpy().nbytes for a in msg.content["arrays"].values())
+            row = {"node_id": node.node_id, "expert": expert, "bytes_out": bytes_out}
+            if reply is None:
+                result.participation.append(row | {"status": "failed", "reason": "no reply before the round deadline"})
+                continue
+            if reply.has_error():
+                result.participation.append(row | {"status": "failed", "reason": f"site error: {reply.error.reason}"[:300]})
+                continue
+            try:
+                delta = LoraDelta.from_records(reply.content["arrays"], reply.content["config"])
+                if delta.rank != node.rank:
+                    raise DeltaValidationError(f"rank {delta.rank} differs from the rank {node.rank} the site announced")
+                delta.validate(self.spec, self.fingerprint, self.cfg.max_update_norm, where=f"site {node.site}")
+                metrics = dict(reply.content["metrics"])
+                n = int(metrics.get("num-examples", 0))
+                if n <= 0:
+                    raise DeltaValidationError(f"site {node.site}: num-examples must be positive, got {n}")
+            except (DeltaValidationError, KeyError) as exc:
+                reason = str(exc) if isinstance(exc, DeltaValidationError) else f"reply lacks {exc}"
+                result.rejections.append({"node_id": node.node_id, "expert": expert, "reason": reason})
+                result.participation.append(row | {"status": "rejected", "reason": reason})
+                continue
+            result.participation.append(row | {"status": "ok", "loss": metrics.get("train-loss"), "num_examples": n,
+                                               "bytes_in": delta.num_bytes(), "seconds": metrics.get("seconds")})
+            accepted.setdefault(expert, []).append((delta, float(n), metrics))
+        for expert, items in accepted.items():
+            updates = [(d, w) for d, w, _ in items]
+            if self.cfg.aggregation == "exact":
+                self.experts[expert] = exact_lora_aggregate(updates, self.max_rank(expert))
+            else:
+                self.experts[expert] = naive_lora_aggregate(updates)
+            total = sum(w for _, w, _ in items)
+            result.metrics[expert] = {
+                "train_loss": sum(m.get("train-loss", 0.0) * w for _, w, m in items) / total,
+                "sites_ok": len(items),
+                "update_norm": self.expert_delta(expert).update_norm(),
+            }
+        for expert in self.groups():
+            failed = sum(1 for p in result.participation if p["expert"] == expert and p["status"] != "ok")
+            result.metrics.setdefault(expert, {})["sites_failed"] = failed
+        return result
+
+    def expert_delta(self, expert: str) -> LoraDelta:
+        """The expert at its largest site rank, as a LoraDelta (checkpoints, export)."""
+        return self.expert_for_rank(expert, self.max_rank(expert))
+
+    def restore(self, expert: str, delta: LoraDelta) -> None:
+        """Load an expert from a checkpoint (resume)."""
+        self.experts[expert] = {m: LowRank(b.float() * (delta.scaling ** 0.5), a.float() * (delta.scaling ** 0.5))
+                                for m in delta.modules() for a, b in [delta.factors(m)]}
+
+
+def send_round(grid, sent: list[tuple[str, Node, Message]], timeout: float) -> list[Message | None]:
+    """Send and collect replies until all are in or `timeout` passes; never blocks longer.
+    Returns the reply (or None) for each sent message, in order."""
+    ids = list(grid.push_messages([m for _, _, m in sent]))
+    pending, replies = set(ids), {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            mid = reply.metadata.reply_to_message_id
+            if mid in pending:
+                pending.discard(mid)
+                replies[mid] = reply
+        if pending:
+            time.sleep(0.1)
+    return [replies.get(mid) for mid in ids]
