@@ -43,7 +43,7 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> LowRank:
     """SVD form of b @ a via thin QRs: U sqrt(S) and sqrt(S) V^T, singular values descending."""
     qb, rb = torch.linalg.qr(b)  # b = qb rb, qb: [out, k]
     qa, ra = torch.linalg.qr(a.T)  # a^T = qa ra
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     root = s.sqrt()
     return LowRank((qb @ u) * root, root[:, None] * (vh @ qa.T))
 
