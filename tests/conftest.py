@@ -48,3 +48,18 @@ def domain_adapters(tiny_model_dir, suite_dir, tmp_path_factory) -> dict[str, Pa
         trainer.train(records, TrainConfig(steps=80, seed=0))
         adapters[domain] = save_adapter(trainer.model, out / domain, trainer.fingerprint, domain=domain)
     return adapters
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """One `fedmoe simulate --preset smoke` run (Flower Simulation Engine), shared by
+    every test that needs a finished run folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
