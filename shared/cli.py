@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "fedmoe.client.commands",
     "fedmoe.simulations.commands",
     "fedmoe.server.commands",
+    "fedmoe.server.export_cli",
 )
 
 
