@@ -86,7 +86,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     if aggregation not in ("exact", "naive"):
         raise FedmoeError(f"unknown aggregation {aggregation!r}: choose exact or naive")
     preset = PRESETS[preset_name]
-    rounds = rounds or preset.rounds
+    rounds = preset.rounds if rounds is None else rounds
     if rounds < 1:
         raise FedmoeError(f"--rounds must be >= 1, got {rounds}")
     wall = time.perf_counter()

@@ -1,0 +1,71 @@
+"""`fedmoe simulate --preset smoke`: a whole Flower simulation, its run store and report."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+METHODS = ("base", "local_only", "fedavg_single", "experts_oracle", "centralized")
+
+
+def test_report_has_every_method_with_fractions(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert report["preset"] == "smoke" and report["seed"] == 0
+    for m in METHODS:
+        entry = report["methods"][m]
+        assert set(entry["per_domain"]) == set(report["domains"])
+        assert 0.0 <= entry["mixed"] <= 1.0
+        assert all(0.0 <= v <= 1.0 for v in entry["per_domain"].values())
+    assert report["methods"]["base"]["mixed"] == 0.0  # the base cannot know the suite's facts
+    for name in ("report.md", "accuracy.png", "loss.png", "run.json"):
+        assert (smoke_run / name).stat().st_size > 0
+    assert "experts_oracle" in (smoke_run / "report.md").read_text()
+
+
+def test_run_store_committed_every_round(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    db = sqlite3.connect(smoke_run / "run.db")
+    rounds = db.execute("SELECT round, state FROM rounds ORDER BY round").fetchall()
+    assert rounds == [(r, "committed") for r in range(1, report["rounds"] + 1)]
+    assert db.execute("SELECT state FROM run").fetchone()[0] == "finished"
+    sites = db.execute("SELECT COUNT(*), COUNT(DISTINCT domain) FROM sites").fetchone()
+    assert sites == (4, 2)
+    ok, bytes_in, bytes_out = db.execute(
+        "SELECT COUNT(*), SUM(bytes_in), SUM(bytes_out) FROM participation WHERE status = 'ok'").fetchone()
+    assert ok == 2 * 4 * report["rounds"] and bytes_in > 0 and bytes_out > 0  # domain expert + single adapter per site
+    ckpts = db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+    assert ckpts == report["rounds"] * (len(report["domains"]) + 1)
+
+
+def test_experts_load_with_stock_peft(smoke_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    report = json.loads((smoke_run / "report.json").read_text())
+    for domain in report["domains"]:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = PeftModel.from_pretrained(base, smoke_run / "experts" / domain)
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
+
+
+def test_simulate_refuses_to_overwrite_a_run(smoke_run):
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--out", str(smoke_run)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("fedmoe: error:") and "already holds a run" in proc.stderr
+    assert (smoke_run / "report.json").exists()  # nothing already stored is lost
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "/nonexistent/suite"], "suite folder not found"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_simulate_bad_input_one_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--out", str(tmp_path / "x"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("fedmoe: error:") and message in lines[-1] and "Traceback" not in proc.stderr
