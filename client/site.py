@@ -35,6 +35,7 @@ class SiteSettings:
 
 _trainers: dict = {}
 _sites: dict = {}
+_feedback: dict = {}  # (data path, expert) -> ErrorFeedback: int8 residuals kept between rounds
 
 
 def site_data(settings: SiteSettings) -> Site:
@@ -82,3 +83,16 @@ def evaluate(settings: SiteSettings, delta: LoraDelta) -> dict:
         return {"num-examples": 0}
     r = trainer.evaluate(site.eval)
     return {"num-examples": r.count, "eval-accuracy": r.accuracy, "eval-loss": r.loss}
+
+
+def encode_reply(settings: SiteSettings, expert: str, received: LoraDelta, trained: LoraDelta, codec: str):
+    """(ArrayRecord, ConfigRecord) of the trained adapter in `codec`. Compressed replies
+    are relative to the received adapter; int8 carries this site's error feedback."""
+    from fedmoe.shared import compression
+
+    if codec == "none":
+        return compression.encode(trained, "none")[:2]
+    feedback = None
+    if codec == "int8":
+        feedback = _feedback.setdefault((settings.data_path, expert), compression.ErrorFeedback())
+    return compression.encode(trained, codec, base=received, feedback=feedback)[:2]

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedmoe.server.aggregation import (LowRank, exact_lora_aggregate, initial_adapter, naive_lora_aggregate,
                                        to_site_delta)
+from fedmoe.shared import compression
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError
 
@@ -38,6 +40,7 @@ class StrategyConfig:
     max_update_norm: float = 1e4
     single_expert: bool = False
     alpha_per_rank: float = 2.0  # alpha = 2 r, the peft habit
+    compression: str = "none"  # none | fp16 | int8: adapters both ways (fedmoe.shared.compression)
 
 
 @dataclass
@@ -61,10 +64,10 @@ class DomainExpertStrategy:
     def __init__(self, cfg: StrategyConfig, spec: AdapterSpec, fingerprint: str):
         if cfg.aggregation not in ("exact", "naive"):
             raise FedmoeError(f"unknown aggregation {cfg.aggregation!r}: choose exact or naive")
+        compression.check_codec(cfg.compression)
         self.cfg, self.spec, self.fingerprint = cfg, spec, fingerprint
         self.nodes: dict[int, Node] = {}
         self.experts: dict[str, dict[str, LowRank]] = {}
-        self.rng = random.Random(cfg.seed)
         self._init: dict[int, LoraDelta] = {}
 
     # -- membership ------------------------------------------------------------
@@ -101,19 +104,26 @@ class DomainExpertStrategy:
         return to_site_delta(self.experts[expert], rank, self.cfg.alpha_per_rank * rank, self.fingerprint, init)
 
     # -- rounds ----------------------------------------------------------------
-    def sample(self, nodes: list[Node]) -> list[Node]:
+    def sample(self, nodes: list[Node], rnd: int, expert: str) -> list[Node]:
+        """Seeded by (seed, round, expert) and site names, not node ids: a resumed run
+        (new node ids) samples exactly as the uninterrupted one would have."""
         k = max(self.cfg.min_nodes, round(self.cfg.fraction * len(nodes)))
-        return sorted(self.rng.sample(nodes, min(k, len(nodes))), key=lambda n: n.node_id)
+        rng = random.Random(f"{self.cfg.seed}/{rnd}/{expert}")
+        ordered = sorted(nodes, key=lambda n: n.site)
+        return sorted(rng.sample(ordered, min(k, len(ordered))), key=lambda n: n.site)
+
+    def train_seed(self, rnd: int, node: Node) -> int:
+        return zlib.crc32(f"{self.cfg.seed}/{rnd}/{node.site}".encode()) % (2**31)
 
     def configure_train(self, rnd: int) -> list[tuple[str, Node, Message]]:
         out = []
         for expert, nodes in self.groups().items():
-            for node in self.sample(nodes):
+            for node in self.sample(nodes, rnd, expert):
                 delta = self.expert_for_rank(expert, node.rank)
-                arrays, meta = delta.to_records()
-                config = ConfigRecord(dict(meta) | {
+                arrays, meta, _ = compression.encode(delta, self.cfg.compression)
+                config = ConfigRecord(dict(meta) | {"compression": self.cfg.compression,
                     "expert": expert, "round": rnd, "steps": self.cfg.local_steps, "batch-size": self.cfg.batch_size,
-                    "lr": self.cfg.lr, "seed": self.cfg.seed * 100003 + rnd * 1009 + node.node_id % 1000,
+                    "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
                     "prox-mu": self.cfg.prox_mu})
                 msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node.node_id, message_type="train")
                 out.append((expert, node, msg))
@@ -124,7 +134,7 @@ class DomainExpertStrategy:
         result = RoundResult()
         accepted: dict[str, list[tuple[LoraDelta, float, dict]]] = {}
         for (expert, node, msg), reply in zip(sent, replies):
-            bytes_out = sum(a.numpy().nbytes for a in msg.content["arrays"].values())
+            bytes_out = compression.record_bytes(msg.content["arrays"])
             row = {"node_id": node.node_id, "expert": expert, "bytes_out": bytes_out}
             if reply is None:
                 result.participation.append(row | {"status": "failed", "reason": "no reply before the round deadline"})
@@ -133,7 +143,11 @@ class DomainExpertStrategy:
                 result.participation.append(row | {"status": "failed", "reason": f"site error: {reply.error.reason}"[:300]})
                 continue
             try:
-                delta = LoraDelta.from_records(reply.content["arrays"], reply.content["config"])
+                reply_cfg = reply.content["config"]
+                # A relative reply is the site's update to exactly what we sent it.
+                sent_adapter = (compression.decode(msg.content["arrays"], msg.content["config"])
+                                if reply_cfg.get("relative", False) else None)
+                delta = compression.decode(reply.content["arrays"], reply_cfg, base=sent_adapter)
                 if delta.rank != node.rank:
                     raise DeltaValidationError(f"rank {delta.rank} differs from the rank {node.rank} the site announced")
                 delta.validate(self.spec, self.fingerprint, self.cfg.max_update_norm, where=f"site {node.site}")
@@ -147,7 +161,7 @@ class DomainExpertStrategy:
                 result.participation.append(row | {"status": "rejected", "reason": reason})
                 continue
             result.participation.append(row | {"status": "ok", "loss": metrics.get("train-loss"), "num_examples": n,
-                                               "bytes_in": delta.num_bytes(), "seconds": metrics.get("seconds")})
+                                               "bytes_in": compression.record_bytes(reply.content["arrays"]), "seconds": metrics.get("seconds")})
             accepted.setdefault(expert, []).append((delta, float(n), metrics))
         for expert, items in accepted.items():
             updates = [(d, w) for d, w, _ in items]
@@ -155,6 +169,8 @@ class DomainExpertStrategy:
                 self.experts[expert] = exact_lora_aggregate(updates, self.max_rank(expert))
             else:
                 self.experts[expert] = naive_lora_aggregate(updates)
+            # Canonical state = what the checkpoint holds, so a resumed run continues bit for bit.
+            self.restore(expert, self.expert_delta(expert))
             total = sum(w for _, w, _ in items)
             result.metrics[expert] = {
                 "train_loss": sum(m.get("train-loss", 0.0) * w for _, w, m in items) / total,
