@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe.client import site
+from fedmoe.shared import compression
 from fedmoe.shared.delta import LoraDelta
 from fedmoe.shared.training import TrainConfig
 
@@ -39,9 +40,11 @@ def build_client_app(plan: list[dict] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = msg.content["config"]
-        received = LoraDelta.from_records(msg.content["arrays"], cfg)
-        trained, metrics = site.train(settings_for(context, plan), received, train_config(cfg))
-        arrays, meta = trained.to_records()
+        settings = settings_for(context, plan)
+        received = compression.decode(msg.content["arrays"], cfg)
+        trained, metrics = site.train(settings, received, train_config(cfg))
+        arrays, meta = site.encode_reply(settings, str(cfg.get("expert", "")), received, trained,
+                                         str(cfg.get("compression", "none")))
         return Message(RecordDict({"arrays": arrays, "config": meta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.evaluate()

@@ -21,6 +21,8 @@ def register(sub) -> None:
     s.add_argument("--data-dir", help="suite folder of site folders + mixed-eval.jsonl (default: generated)")
     s.add_argument("--rounds", type=int, help="federated rounds (default: the preset's)")
     s.add_argument("--aggregation", default="exact", choices=["exact", "naive"], help="exact (default) or naive FedIT")
+    s.add_argument("--compression", default="none", choices=["none", "fp16", "int8"],
+                   help="adapter codec on the wire, both ways (default none = fp32)")
     s.add_argument("--out", required=True, help="run folder to write (run.db, experts/, report.*)")
     s.add_argument("--ray-address", help="run on an existing Ray cluster at this address")
     s.add_argument("--no-baselines", action="store_true", help="skip local_only, fedavg_single and centralized")
@@ -47,7 +49,7 @@ def cmd_simulate(args) -> int:
     from fedmoe.simulations.simulate import report_table, simulate
 
     report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
-                      baselines=not args.no_baselines)
+                      baselines=not args.no_baselines, compression=args.compression)
     if args.json:
         print_json(report)
     else:

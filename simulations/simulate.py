@@ -73,7 +73,8 @@ def score_adapters(model_dir: Path, adapters: dict[str, Path], mixed, route) -> 
 
 
 def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str | None = None, rounds: int | None = None,
-             aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True) -> dict:
+             aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True,
+             compression: str = "none") -> dict:
     from fedmoe.client.trainer import SiteTrainer
     from fedmoe.server.server_app import FederationPlan
     from fedmoe.server.strategy import StrategyConfig
@@ -103,7 +104,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     site_plan = [{"data-path": str(s.path), "domain": s.domain, "rank": preset.ranks[i % len(preset.ranks)],
                   "quant": preset.quant, "model-path": str(model_dir)} for i, s in enumerate(sites)]
     strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
-                              aggregation=aggregation, single_expert=baselines, round_timeout=600)
+                              aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name)
     log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
@@ -135,10 +136,23 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
         "methods": {m: methods[m] for m in METHOD_ORDER if m in methods} | {m: v for m, v in methods.items() if m not in METHOD_ORDER},
         "federation_seconds": fed_seconds, "history": results["history"],
+        "compression": compression, **wire_bytes(out_dir),
     }
     report["wall_seconds"] = time.perf_counter() - wall
     write_report(out_dir, report)
     return report
+
+
+def wire_bytes(out_dir: Path) -> dict:
+    """Encoded adapter bytes per site per round, each way, from the run store."""
+    from fedmoe.server.run_store import RunStore
+
+    store = RunStore(out_dir, readonly=True)
+    rows = [p for p in store.participation() if p["status"] == "ok"]
+    store.close()
+    site_rounds = len({(p["round"], p["node_id"]) for p in rows}) or 1
+    up, down = sum(p["bytes_in"] or 0 for p in rows), sum(p["bytes_out"] or 0 for p in rows)
+    return {"bytes_per_site_round": {"up": up / site_rounds, "down": down / site_rounds, "total": (up + down) / site_rounds}}
 
 
 def local_only_scores(trainer, sites, mixed, cfg):
@@ -166,7 +180,9 @@ def write_report(out_dir: Path, report: dict) -> None:
     md = (f"# fedmoe simulation: preset `{report['preset']}`\n\n"
           f"{report['sites']} sites, {len(report['domains'])} domains, {report['rounds']} rounds, "
           f"{report['aggregation']} aggregation, {report['quant']} sites; seed {report['seed']}. "
-          f"Wall time {report['wall_seconds']:.0f}s (federation {report['federation_seconds']:.0f}s).\n\n"
+          f"Wall time {report['wall_seconds']:.0f}s (federation {report['federation_seconds']:.0f}s). "
+          f"Adapters on the wire: {report.get('compression', 'none')}, "
+          f"{report.get('bytes_per_site_round', {}).get('total', 0) / 1e3:.1f} kB per site per round.\n\n"
           "Exact-match accuracy on the mixed held-out set (phrasings unseen in training):\n\n" + report_table(report)
           + "\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
     (out_dir / "report.md").write_text(md)
