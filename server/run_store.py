@@ -18,13 +18,13 @@ from fedmoe.shared.delta import LoraDelta
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY CHECK (id = 1), started REAL, finished REAL,
     state TEXT, preset TEXT, seed INTEGER, config TEXT);
-CREATE TABLE IF NOT EXISTS sites (node_id TEXT PRIMARY KEY, site TEXT, domain TEXT, rank INTEGER,
+CREATE TABLE IF NOT EXISTS sites (site TEXT PRIMARY KEY, node_id TEXT, domain TEXT, rank INTEGER,
     fingerprint TEXT, num_examples INTEGER, first_seen REAL, last_seen REAL);
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, started REAL, finished REAL, state TEXT);
-CREATE TABLE IF NOT EXISTS participation (round INTEGER, node_id TEXT, expert TEXT, status TEXT,
+CREATE TABLE IF NOT EXISTS participation (round INTEGER, site TEXT, node_id TEXT, expert TEXT, status TEXT,
     loss REAL, num_examples INTEGER, bytes_in INTEGER, bytes_out INTEGER, seconds REAL, reason TEXT);
 CREATE TABLE IF NOT EXISTS metrics (round INTEGER, expert TEXT, name TEXT, value REAL);
-CREATE TABLE IF NOT EXISTS rejections (round INTEGER, node_id TEXT, expert TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS rejections (round INTEGER, site TEXT, node_id TEXT, expert TEXT, reason TEXT);
 CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER, expert TEXT, path TEXT, sha256 TEXT,
     PRIMARY KEY (round, expert));
 """
@@ -65,17 +65,19 @@ class RunStore:
             self.db.execute("UPDATE run SET finished = ?, state = ?", (time.time(), state))
 
     def upsert_site(self, node_id, site: str, domain: str, rank: int, fingerprint: str, num_examples: int) -> None:
+        """Sites are keyed by their registered identity (site name): a site that comes back
+        with a new Flower node id is the same site."""
         now = time.time()
         with self.db:
             self.db.execute(
-                "INSERT INTO sites VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
-                "site=excluded.site, domain=excluded.domain, rank=excluded.rank, fingerprint=excluded.fingerprint, "
+                "INSERT INTO sites VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(site) DO UPDATE SET "
+                "node_id=excluded.node_id, domain=excluded.domain, rank=excluded.rank, fingerprint=excluded.fingerprint, "
                 "num_examples=excluded.num_examples, last_seen=excluded.last_seen",
-                (str(node_id), site, domain, rank, fingerprint, num_examples, now, now))
+                (site, str(node_id), domain, rank, fingerprint, num_examples, now, now))
 
-    def touch_site(self, node_id) -> None:
+    def touch_site(self, site: str) -> None:
         with self.db:
-            self.db.execute("UPDATE sites SET last_seen = ? WHERE node_id = ?", (time.time(), str(node_id)))
+            self.db.execute("UPDATE sites SET last_seen = ? WHERE site = ?", (time.time(), site))
 
     def begin_round(self, rnd: int) -> None:
         with self.db:
@@ -93,14 +95,14 @@ class RunStore:
             files[name] = (str(path.relative_to(self.run_dir)), file_sha256(path))
         with self.db:
             self.db.executemany(
-                "INSERT INTO participation VALUES (:round, :node_id, :expert, :status, :loss, :num_examples, "
+                "INSERT INTO participation VALUES (:round, :site, :node_id, :expert, :status, :loss, :num_examples, "
                 ":bytes_in, :bytes_out, :seconds, :reason)",
                 [{"round": rnd, "loss": None, "num_examples": 0, "bytes_in": 0, "bytes_out": 0, "seconds": None,
                   "reason": None} | p | {"node_id": str(p["node_id"])} for p in participation])
             self.db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)",
                                 [(rnd, e, k, float(v)) for e, m in metrics.items() for k, v in m.items()])
-            self.db.executemany("INSERT INTO rejections VALUES (?, ?, ?, ?)",
-                                [(rnd, str(r["node_id"]), r["expert"], r["reason"]) for r in rejections])
+            self.db.executemany("INSERT INTO rejections VALUES (?, ?, ?, ?, ?)",
+                                [(rnd, r.get("site"), str(r["node_id"]), r["expert"], r["reason"]) for r in rejections])
             self.db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
                                 [(rnd, e, p, s) for e, (p, s) in files.items()])
             self.db.execute("UPDATE rounds SET finished = ?, state = 'committed' WHERE round = ?", (time.time(), rnd))
@@ -122,7 +124,7 @@ class RunStore:
                       SUM(CASE WHEN p.status = 'failed' THEN 1 ELSE 0 END) AS failures,
                       SUM(CASE WHEN p.status = 'rejected' THEN 1 ELSE 0 END) AS rejections,
                       COALESCE(SUM(p.bytes_in), 0) AS bytes_sent, COALESCE(SUM(p.bytes_out), 0) AS bytes_received
-               FROM sites s LEFT JOIN participation p ON p.node_id = s.node_id GROUP BY s.node_id ORDER BY s.site"""
+               FROM sites s LEFT JOIN participation p ON p.site = s.site GROUP BY s.site ORDER BY s.site"""
         return [dict(r) for r in self.db.execute(q)]
 
     def metrics(self, name: str | None = None) -> list[dict]:
@@ -135,10 +137,32 @@ class RunStore:
         q, args = "SELECT * FROM participation", ()
         if rnd is not None:
             q, args = q + " WHERE round = ?", (rnd,)
-        return [dict(r) for r in self.db.execute(q + " ORDER BY round, node_id", args)]
+        return [dict(r) for r in self.db.execute(q + " ORDER BY round, site", args)]
 
     def rejections(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM rejections ORDER BY round")]
+
+    def discard_after(self, rnd: int) -> None:
+        """Forget every round after `rnd` (an uncommitted or corrupt one) in one transaction,
+        so a resumed run neither loses nor double-counts a round."""
+        with self.db:
+            for table in ("participation", "metrics", "rejections", "checkpoints", "rounds"):
+                self.db.execute(f"DELETE FROM {table} WHERE round > ?", (rnd,))
+            self.db.execute("UPDATE run SET state = 'running', finished = NULL")
+
+    def verified_round(self) -> tuple[int, list[str], list[str]]:
+        """The newest committed round whose expert checkpoints all pass their checksum,
+        the experts checkpointed then, and one line per corrupt checkpoint found on the way."""
+        problems = []
+        for rnd in range(self.last_committed_round(), 0, -1):
+            rows = self.db.execute("SELECT expert, path, sha256 FROM checkpoints WHERE round = ?", (rnd,)).fetchall()
+            bad = [f"checkpoint {self.run_dir / r['path']} (expert {r['expert']!r}, round {rnd}) is missing or corrupt "
+                   f"(sha256 mismatch); using an earlier round"
+                   for r in rows if not (self.run_dir / r["path"]).is_file() or file_sha256(self.run_dir / r["path"]) != r["sha256"]]
+            if not bad:
+                return rnd, [r["expert"] for r in rows], problems
+            problems += bad
+        return 0, [], problems
 
     def checkpoint(self, expert: str, rnd: int | None = None) -> LoraDelta:
         """An expert's checkpoint (latest committed unless `rnd`), checked against its recorded sha256."""

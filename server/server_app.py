@@ -3,6 +3,7 @@ of `DomainExpertStrategy`, each committed to the run store before the next start
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ class FederationPlan:
     node_wait: float = 120.0  # seconds to wait for `expected_nodes` to connect
     query_timeout: float = 300.0
     preset: str = "custom"
+    resume: bool = False  # continue from the last verified committed round in out_dir
 
 
 def log(text: str) -> None:
@@ -65,9 +67,10 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
     spec = adapter_spec_for(plan.model_dir)
     strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint)
     store = RunStore(out)
-    store.start_run(plan.preset, plan.strategy.seed, asdict(plan))
-    write_run_info(out, model=str(plan.model_dir), base_fingerprint=fingerprint, preset=plan.preset,
-                   seed=plan.strategy.seed, aggregation=plan.strategy.aggregation, rounds=plan.rounds)
+    if not plan.resume:
+        store.start_run(plan.preset, plan.strategy.seed, asdict(plan))
+        write_run_info(out, model=str(plan.model_dir), base_fingerprint=fingerprint, preset=plan.preset,
+                       seed=plan.strategy.seed, aggregation=plan.strategy.aggregation, rounds=plan.rounds)
     node_ids = wait_for_nodes(grid, plan.expected_nodes, plan.node_wait)
     if not node_ids:
         store.finish_run("failed")
@@ -87,8 +90,9 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         store.finish_run("failed")
         raise FedmoeError("no usable site answered the describe query")
     progress("experts: " + ", ".join(f"{e} ({len(n)} sites, ranks {sorted({x.rank for x in n})})" for e, n in groups.items()))
+    first = resume_experts(store, strategy, list(groups), progress) + 1 if plan.resume else 1
     history = []
-    for rnd in range(1, plan.rounds + 1):
+    for rnd in range(first, plan.rounds + 1):
         store.begin_round(rnd)
         started = time.perf_counter()
         sent = strategy.configure_train(rnd)
@@ -97,7 +101,8 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         store.commit_round(rnd, result.participation, result.metrics, result.rejections,
                            {e: strategy.expert_delta(e) for e in strategy.experts})
         for p in result.participation:
-            store.touch_site(p["node_id"]) if p["status"] == "ok" else None
+            if p["status"] == "ok":
+                store.touch_site(p["site"])
         for expert, m in result.metrics.items():
             nbytes = sum(p.get("bytes_in", 0) + p.get("bytes_out", 0) for p in result.participation if p["expert"] == expert)
             progress(f"round {rnd}/{plan.rounds}  {expert:<10} loss {m.get('train_loss', float('nan')):.3f}  "
@@ -107,11 +112,29 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         history.append({"round": rnd, "seconds": time.perf_counter() - started, "metrics": result.metrics})
     for expert in strategy.experts:
         target = out / ("baselines/fedavg_single" if expert == SINGLE_EXPERT else f"experts/{expert}")
-        save_expert(strategy.expert_delta(expert), target, plan.model_dir, domain=expert,
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_expert(strategy.expert_delta(expert), partial, plan.model_dir, domain=expert,
                     aggregation=plan.strategy.aggregation, rounds=plan.rounds)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.replace(target)
     store.finish_run("finished")
     store.close()
     return {"history": history, "experts": sorted(e for e in strategy.experts if e != SINGLE_EXPERT)}
+
+
+def resume_experts(store: RunStore, strategy: DomainExpertStrategy, experts: list[str], progress) -> int:
+    """Restore every expert from the newest round whose checkpoints all verify; forget
+    later (uncommitted or corrupt) rounds. Returns that round (0: start afresh)."""
+    rnd, saved, problems = store.verified_round()
+    for line in problems:
+        progress(line)
+    store.discard_after(rnd)
+    for expert in saved:
+        if expert in experts:
+            strategy.restore(expert, store.checkpoint(expert, rnd))
+    progress(f"resuming after round {rnd}" if rnd else "resuming: no verified round, starting from round 1")
+    return rnd
 
 
 def build_server_app(plan: FederationPlan | None = None, results: dict | None = None) -> ServerApp:

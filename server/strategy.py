@@ -135,7 +135,7 @@ class DomainExpertStrategy:
         accepted: dict[str, list[tuple[LoraDelta, float, dict]]] = {}
         for (expert, node, msg), reply in zip(sent, replies):
             bytes_out = compression.record_bytes(msg.content["arrays"])
-            row = {"node_id": node.node_id, "expert": expert, "bytes_out": bytes_out}
+            row = {"site": node.site, "node_id": node.node_id, "expert": expert, "bytes_out": bytes_out}
             if reply is None:
                 result.participation.append(row | {"status": "failed", "reason": "no reply before the round deadline"})
                 continue
@@ -157,7 +157,7 @@ class DomainExpertStrategy:
                     raise DeltaValidationError(f"site {node.site}: num-examples must be positive, got {n}")
             except (DeltaValidationError, KeyError) as exc:
                 reason = str(exc) if isinstance(exc, DeltaValidationError) else f"reply lacks {exc}"
-                result.rejections.append({"node_id": node.node_id, "expert": expert, "reason": reason})
+                result.rejections.append({"site": node.site, "node_id": node.node_id, "expert": expert, "reason": reason})
                 result.participation.append(row | {"status": "rejected", "reason": reason})
                 continue
             result.participation.append(row | {"status": "ok", "loss": metrics.get("train-loss"), "num_examples": n,

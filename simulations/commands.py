@@ -23,7 +23,8 @@ def register(sub) -> None:
     s.add_argument("--aggregation", default="exact", choices=["exact", "naive"], help="exact (default) or naive FedIT")
     s.add_argument("--compression", default="none", choices=["none", "fp16", "int8"],
                    help="adapter codec on the wire, both ways (default none = fp32)")
-    s.add_argument("--out", required=True, help="run folder to write (run.db, experts/, report.*)")
+    s.add_argument("--out", help="run folder to write (run.db, experts/, report.*)")
+    s.add_argument("--resume", metavar="OUT", help="continue a killed run in OUT from its last committed round")
     s.add_argument("--ray-address", help="run on an existing Ray cluster at this address")
     s.add_argument("--no-baselines", action="store_true", help="skip local_only, fedavg_single and centralized")
     add_json_flag(s)
@@ -48,8 +49,17 @@ def cmd_make_suite(args) -> int:
 def cmd_simulate(args) -> int:
     from fedmoe.simulations.simulate import report_table, simulate
 
-    report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
-                      baselines=not args.no_baselines, compression=args.compression)
+    from fedmoe.shared.errors import FedmoeError
+    from fedmoe.simulations.simulate import resume_args
+
+    if args.resume:
+        report = simulate(out=args.resume, resume=True, **resume_args(args.resume))
+        args.out = args.resume
+    elif not args.out:
+        raise FedmoeError("simulate needs --out DIR (or --resume DIR)")
+    else:
+        report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
+                          baselines=not args.no_baselines, compression=args.compression)
     if args.json:
         print_json(report)
     else:

@@ -72,9 +72,17 @@ def score_adapters(model_dir: Path, adapters: dict[str, Path], mixed, route) -> 
     return out
 
 
+def resume_args(out: str) -> dict:
+    """The arguments a run in `out` was started with (its simulate.json)."""
+    path = Path(out) / "simulate.json"
+    if not (Path(out) / "run.db").exists() or not path.exists():
+        raise FedmoeError(f"nothing to resume in {out}: no run.db / simulate.json from `fedmoe simulate`")
+    return json.loads(path.read_text())
+
+
 def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str | None = None, rounds: int | None = None,
              aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True,
-             compression: str = "none") -> dict:
+             compression: str = "none", resume: bool = False) -> dict:
     from fedmoe.client.trainer import SiteTrainer
     from fedmoe.server.server_app import FederationPlan
     from fedmoe.server.strategy import StrategyConfig
@@ -92,8 +100,13 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         raise FedmoeError(f"--rounds must be >= 1, got {rounds}")
     wall = time.perf_counter()
     out_dir = Path(out)
-    if (out_dir / "run.db").exists():
-        raise FedmoeError(f"{out_dir} already holds a run (run.db); choose another --out")
+    if (out_dir / "run.db").exists() and not resume:
+        raise FedmoeError(f"{out_dir} already holds a run (run.db); choose another --out, or --resume it")
+    if not resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "simulate.json").write_text(json.dumps(
+            {"preset_name": preset_name, "data_dir": data_dir, "rounds": rounds, "aggregation": aggregation,
+             "ray_address": ray_address, "baselines": baselines, "compression": compression}, indent=2))
     model_dir = ensure_default_model()
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
@@ -106,7 +119,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
                               aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
-                          expected_nodes=len(sites), preset=preset_name)
+                          expected_nodes=len(sites), preset=preset_name, resume=resume)
     log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
         f"{aggregation} aggregation, {preset.quant} sites -> {out_dir}")
     fed_start = time.perf_counter()
