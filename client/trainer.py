@@ -19,13 +19,14 @@ from fedmoe.shared.training import EvalResult, TrainConfig, TrainResult, evaluat
 
 class SiteTrainer:
     def __init__(self, model_dir: str | Path, quant: str = "nf4", rank: int = 8, alpha: float | None = None,
-                 device: str | None = None, target_modules=None):
+                 device: str | None = None, target_modules=None, seed: int = 0):
         self.model_dir = Path(model_dir)
         self.quant = quant
         self.rank = rank
         self.fingerprint = model_fingerprint(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         base = load_base_model(self.model_dir, quant, device)
+        torch.manual_seed(seed)  # the fresh adapter's init, so baselines repeat exactly
         self.model = attach_lora(base, rank=rank, alpha=alpha, target_modules=target_modules)
         self.spec = AdapterSpec.from_peft_model(self.model)
         self.initial = LoraDelta.from_peft_model(self.model, self.fingerprint)

@@ -1,0 +1,88 @@
+"""Crash safety: checksummed checkpoints, and a SIGKILLed simulation resumed to the same result."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fedmoe.server.run_store import RunStore
+from fedmoe.shared.delta import LoraDelta
+
+
+def delta(seed: int) -> LoraDelta:
+    g = torch.Generator().manual_seed(seed)
+    return LoraDelta.from_factors({"m.q_proj": (torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g))}, 4, 8.0, "fp")
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous_round(tmp_path):
+    store = RunStore(tmp_path)
+    store.start_run("smoke", 0, {})
+    for rnd in (1, 2):
+        store.begin_round(rnd)
+        store.commit_round(rnd, [{"site": "s", "node_id": 1, "expert": "law", "status": "ok"}], {"law": {"train_loss": 1.0 / rnd}},
+                           [], {"law": delta(rnd)})
+    path = tmp_path / "checkpoints/round-0002/law.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    rnd, experts, problems = store.verified_round()
+    assert (rnd, experts) == (1, ["law"])
+    assert len(problems) == 1 and "round 2" in problems[0] and "corrupt" in problems[0] and "\n" not in problems[0]
+    store.discard_after(rnd)
+    assert [r["round"] for r in store.rounds()] == [1]
+    assert [m["round"] for m in store.metrics()] == [1]  # the corrupt round is not counted twice
+    assert store.checkpoint("law", 1).checksum() == delta(1).checksum()
+    with pytest.raises(Exception, match="corrupt"):
+        store.checkpoint("law", 2)
+
+
+def test_checkpoint_written_atomically(tmp_path):
+    store = RunStore(tmp_path)
+    store.start_run("smoke", 0, {})
+    store.begin_round(1)
+    store.commit_round(1, [], {}, [], {"law": delta(1)})
+    names = sorted(p.name for p in (tmp_path / "checkpoints/round-0001").iterdir())
+    assert names == ["law.safetensors"]  # no leftover .tmp
+
+
+def committed_rounds(run_dir) -> int:
+    try:
+        db = sqlite3.connect(f"file:{run_dir / 'run.db'}?mode=ro", uri=True, timeout=1)
+        n = db.execute("SELECT COUNT(*) FROM rounds WHERE state = 'committed'").fetchone()[0]
+        db.close()
+        return n
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigkilled_simulation_resumes_to_the_same_report(smoke_run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while committed_rounds(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert committed_rounds(out) >= 1 and not (out / "report.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--resume", str(out), "--json"],
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after round" in resumed.stderr
+    got = json.loads((out / "report.json").read_text())
+    want = json.loads((smoke_run / "report.json").read_text())
+    assert {m: v["per_domain"] for m, v in got["methods"].items()} == {m: v["per_domain"] for m, v in want["methods"].items()}
+    db = sqlite3.connect(out / "run.db")
+    rounds = db.execute("SELECT round FROM rounds ORDER BY round").fetchall()
+    assert rounds == [(1,), (2,)]  # no gap, no duplicated round
+    per_round = db.execute("SELECT round, COUNT(*) FROM participation GROUP BY round").fetchall()
+    assert per_round == [(1, 8), (2, 8)]
