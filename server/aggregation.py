@@ -48,11 +48,20 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> LowRank:
     return LowRank((qb @ u) * root, root[:, None] * (vh @ qa.T))
 
 
+# Above this many stacked components (Σ r_k) the stacked QR's (Σr)² work and Σr-wide
+# memory lose to the streaming range finder (fedmoe.server.streaming_aggregation).
+STACK_LIMIT = 256
+
+
 def exact_lora_aggregate(updates: list[tuple[LoraDelta, float]], max_rank: int) -> dict[str, LowRank]:
     """Σ p_k s_k B_k A_k per module, truncated to `max_rank` components (SVD form)."""
     total = sum(w for _, w in updates)
     if not updates or total <= 0:
         raise ValueError("no updates to aggregate")
+    if sum(d.rank for d, _ in updates) > STACK_LIMIT:
+        from fedmoe.server.streaming_aggregation import streaming_lora_aggregate
+
+        return streaming_lora_aggregate(updates, max_rank)
     norm = [(d, w / total) for d, w in updates]
     out = {}
     for module in norm[0][0].modules():

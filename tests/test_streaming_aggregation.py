@@ -1,0 +1,107 @@
+"""Streaming exact aggregation (randomized range finder) against the dense truncated SVD."""
+
+import pytest
+import torch
+
+from fedmoe.server import aggregation
+from fedmoe.server.aggregation import dense_update, exact_lora_aggregate, naive_lora_aggregate
+from fedmoe.server.streaming_aggregation import naive_lora_aggregate_stream, streaming_lora_aggregate
+from fedmoe.shared.delta import LoraDelta
+
+MODULES = {"l.0.q_proj": (48, 40), "l.0.v_proj": (48, 24)}
+
+
+def site(rank: int, seed: int, decay: float = 0.0) -> LoraDelta:
+    """Random factors. `decay` > 0: every site's update is a shared direction (components
+    scaled by (1 - decay)^i) plus a little site-specific noise, so the sum has a
+    decaying spectrum with a gap after `rank`, like sites of one domain."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for j, (m, (i, o)) in enumerate(MODULES.items()):
+        a, b = torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g)
+        if decay:
+            shared = torch.Generator().manual_seed(1000 + j)
+            scale = torch.tensor([(1 - decay) ** c for c in range(rank)])[:, None]
+            a = scale * torch.randn(rank, i, generator=shared) + 0.02 * a
+            b = torch.randn(o, rank, generator=shared) + 0.02 * b
+        factors[m] = (a, b)
+    return LoraDelta.from_factors(factors, rank, 2.0 * rank, "fp")
+
+
+def dense_sum(updates, module):
+    total = sum(w for _, w in updates)
+    return sum(w / total * d.scaling * (d.factors(module)[1].double() @ d.factors(module)[0].double()) for d, w in updates)
+
+
+def best(w: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(w)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def test_exact_when_the_sketch_covers_the_whole_rank():
+    updates = [(site(4, 1), 1.0), (site(8, 2), 3.0), (site(4, 3), 2.0)]  # Σr = 16 <= max_rank + oversample
+    got = streaming_lora_aggregate(updates, max_rank=16, oversample=8, power_iters=0)
+    for m in MODULES:
+        want = dense_sum(updates, m)
+        assert torch.allclose(dense_update(got, m).double(), want, atol=1e-4 * want.abs().max())
+
+
+@pytest.mark.parametrize("power_iters", [1, 2])
+def test_truncated_sum_matches_dense_truncated_svd(power_iters):
+    updates = [(site(8, s, decay=0.3), float(1 + s % 3)) for s in range(12)]  # Σr = 96 > 24 columns sketched
+    got = streaming_lora_aggregate(updates, max_rank=8, oversample=8, power_iters=power_iters, dtype=torch.float64)
+    for m in MODULES:
+        want = dense_sum(updates, m)
+        target = best(want, 8)
+        err = (dense_update(got, m).double() - target).norm() / target.norm()
+        assert err < 1e-3, err
+        # and it is as good an approximation of the sum as the optimum, to 1e-6 relative
+        opt = (want - target).norm()
+        assert (want - dense_update(got, m).double()).norm() <= opt * (1 + 1e-6) + 1e-9
+
+
+def test_same_output_type_and_order_as_stacked_qr():
+    updates = [(site(8, s, decay=0.3), 1.0) for s in range(3)]
+    qr = exact_lora_aggregate(updates, max_rank=8)
+    st = streaming_lora_aggregate(updates, max_rank=8, power_iters=2)
+    assert qr.keys() == st.keys()
+    for m in qr:
+        assert st[m].a.shape == qr[m].a.shape and st[m].b.shape == qr[m].b.shape and st[m].a.dtype == torch.float32
+        assert torch.allclose(dense_update(st, m), dense_update(qr, m), atol=1e-3)
+        norms = st[m].b.norm(dim=0)
+        assert torch.all(norms[:-1] >= norms[1:] - 1e-5)  # components ordered by singular value
+
+
+def test_sites_can_be_streamed_from_a_generator_factory():
+    calls = []
+
+    def source():
+        calls.append(1)
+        return ((site(8, s, decay=0.3), 1.0) for s in range(6))
+
+    got = streaming_lora_aggregate(source, max_rank=8, power_iters=1)
+    assert len(calls) == 4  # 2 + 2 * power_iters passes, never all sites held at once
+    want = streaming_lora_aggregate(list(source()), max_rank=8, power_iters=1)
+    for m in MODULES:
+        assert torch.allclose(dense_update(got, m), dense_update(want, m), atol=1e-5)
+
+
+def test_exact_aggregate_switches_to_streaming_above_the_stack_limit(monkeypatch):
+    updates = [(site(8, s, decay=0.3), 1.0) for s in range(6)]
+    monkeypatch.setattr(aggregation, "STACK_LIMIT", 16)
+    got = exact_lora_aggregate(updates, max_rank=8)
+    for m in MODULES:
+        target = best(dense_sum(updates, m), 8)
+        assert ((dense_update(got, m).double() - target).norm() / target.norm()) < 1e-3
+
+
+def test_naive_stream_equals_naive_with_mixed_ranks():
+    updates = [(site(4, 1), 1.0), (site(8, 2), 3.0), (site(4, 3), 2.0)]
+    a, b = naive_lora_aggregate(updates), naive_lora_aggregate_stream(updates)
+    for m in MODULES:
+        assert torch.allclose(dense_update(a, m), dense_update(b, m), atol=1e-5)
+
+
+def test_no_updates_rejected():
+    with pytest.raises(ValueError):
+        streaming_lora_aggregate([], 4)
