@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "fedmoe.simulations.commands",
     "fedmoe.server.commands",
     "fedmoe.server.export_cli",
+    "fedmoe.server.dashboard_cli",
 )
 
 
