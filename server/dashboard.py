@@ -21,7 +21,7 @@ Routes (GET only; every one needs the bearer token):
     /api/rejections       every rejected update with its reason
     /api/events           server-sent events: one `snapshot`, then one event per change
 
-The token is accepted as `Authorization: Bearer T`, as the `fedmoe_token` cookie that a
+The token is accepted as `Authorization: Bearer T`, as the `fedmoe_token_<port>` cookie that a
 page load with `?token=T` sets (EventSource and <script src> cannot send headers), or
 as `?token=T` on any route. Anything else is answered 401.
 """
@@ -451,7 +451,8 @@ class _Handler(BaseHTTPRequestHandler):
             cookie.load(self.headers.get("Cookie") or "")
         except Exception:
             pass
-        if COOKIE in cookie and token_matches(cookie[COOKIE].value, token):
+        name = self.dashboard.cookie_name
+        if name in cookie and token_matches(cookie[name].value, token):
             return True, False
         query = parse_qs(urlsplit(self.path).query).get("token", [None])[0]
         return token_matches(query, token), True
@@ -478,7 +479,7 @@ class _Handler(BaseHTTPRequestHandler):
         extra = {}
         if via_query:
             # Keep the token in an HttpOnly cookie so the page's EventSource and <script> loads carry it.
-            extra["Set-Cookie"] = f"{COOKIE}={self.dashboard.token}; HttpOnly; SameSite=Strict; Path=/"
+            extra["Set-Cookie"] = f"{self.dashboard.cookie_name}={self.dashboard.token}; HttpOnly; SameSite=Strict; Path=/"
         try:
             if path in ("/", "/index.html"):
                 return self._send_file(STATIC_DIR / "index.html", extra)
@@ -578,6 +579,11 @@ class Dashboard:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
+
+    @property
+    def cookie_name(self) -> str:
+        # Cookies are not scoped by port: one name per dashboard, so two on one host do not clash.
+        return f"{COOKIE}_{self.port}"
 
     @property
     def url_with_token(self) -> str:
