@@ -17,8 +17,10 @@ from fedmoe.shared.errors import FedmoeError
 COMMAND_MODULES = (
     "fedmoe.shared.commands",
     "fedmoe.client.commands",
+    "fedmoe.client.site_cli",
     "fedmoe.simulations.commands",
     "fedmoe.server.commands",
+    "fedmoe.server.coordinator_cli",
     "fedmoe.server.export_cli",
     "fedmoe.server.dashboard_cli",
 )
