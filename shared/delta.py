@@ -223,7 +223,10 @@ class LoraDelta:
         self.validate_checksum(where)
         seen: dict[str, set] = {}
         for key, t in self.tensors.items():
-            module, which = module_of(key)
+            try:
+                module, which = module_of(key)
+            except DeltaValidationError as exc:
+                raise DeltaValidationError(f"{where}: {exc}") from None
             if module not in spec.modules:
                 raise DeltaValidationError(f"{where}: unknown module {module!r}")
             if t.dtype not in WIRE_DTYPES.values():
