@@ -1,0 +1,160 @@
+"""Deployment on real daemons: `fedmoe coordinator start` (a SuperLink + our ServerApp)
+and two `fedmoe site start` (site daemon + SuperNode) on 127.0.0.1.
+
+One federation serves both tests (starting Flower's daemons is the slow part): two
+rounds, both sites train in round 1; in round 2 one site's SuperNode is SIGKILLed while
+its daemon trains, and the run must still commit round 2 by its round deadline and
+end. Every process runs in its own session and is killed (whole tree) at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROUND_TIMEOUT = 60.0  # the killed site's round ends by this deadline (or earlier, when Flower sees the node gone)
+RUN_TIMEOUT = 420.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A `fedmoe ...` subprocess in its own session, output in a log file."""
+
+    def __init__(self, name: str, args: list[str], logdir: Path, env: dict):
+        self.name, self.log = name, logdir / f"{name}.log"
+        with open(self.log, "wb") as f:
+            self.popen = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if m := re.search(pattern, self.text()):
+                return m
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name}: no {pattern!r} within {timeout:.0f}s; log tail:\n{self.text()[-3000:]}")
+
+    def stop(self) -> None:
+        from fedmoe.client.site_cli import stop_group
+
+        stop_group(self.popen, grace=10)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    from fedmoe.shared.pretrain import ensure_default_model
+    from fedmoe.simulations.domain_suite import make_suite
+
+    model = ensure_default_model()
+    root = tmp_path_factory.mktemp("deploy")
+    suite = root / "suite"
+    make_suite(suite, domains=2, sites=2, seed=0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_HOME=str(root / "flwr-home"))
+    port = free_port()
+    out = root / "run"
+    procs: list[Proc] = []
+    try:
+        started = time.monotonic()
+        coord = Proc("coordinator", ["coordinator", "start", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                                     "--out", str(out), "--rounds", "2", "--expected-sites", "2", "--local-steps", "1",
+                                     "--batch-size", "4", "--round-timeout", str(ROUND_TIMEOUT), "--node-wait", "180",
+                                     "--model", str(model), "--timeout", str(RUN_TIMEOUT)], root, env)
+        procs.append(coord)
+        sites = {}
+        for name in ("site-00", "site-01"):
+            sites[name] = Proc(name, ["site", "start", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                      "--data", str(suite / name), "--quant", "none", "--rank", "4", "--model", str(model),
+                                      "--work-dir", str(root / f"work-{name}")], root, env)
+            procs.append(sites[name])
+        victim = sites["site-01"]
+        # Mid-round: the victim's daemon has received round 2's TRAIN and is training.
+        victim.wait_for(r"train: run \d+ round 2 ", RUN_TIMEOUT)
+        supernode_pid = int(victim.wait_for(r"SuperNode \(pid (\d+)\)", 5).group(1))
+        killed_at = time.monotonic()
+        os.killpg(supernode_pid, signal.SIGKILL)  # the SuperNode, its SuperExec and the ClientApp in flight
+        victim_rc = victim.popen.wait(60)
+        coord_rc = coord.popen.wait(RUN_TIMEOUT + 60)
+        finished = time.monotonic()
+        yield {"out": out, "coord": coord, "coord_rc": coord_rc, "sites": sites, "victim_rc": victim_rc,
+               "after_kill": finished - killed_at, "wall": finished - started, "root": root, "suite": suite}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_two_sites_two_rounds(deployment):
+    from fedmoe.server.run_store import RunStore
+    from fedmoe.shared.modeling import load_adapter, load_base_model
+
+    d = deployment
+    assert d["coord_rc"] == 0, d["coord"].text()[-3000:]
+    assert re.search(r"2/2 rounds committed", d["coord"].text())
+    store = RunStore(d["out"], readonly=True)
+    try:
+        assert store.run()["state"] == "finished"
+        assert [r["state"] for r in store.rounds()] == ["committed", "committed"]
+        assert len(store.sites()) == 2
+        rows = store.db.execute("SELECT round, expert, status FROM participation ORDER BY round, expert").fetchall()
+    finally:
+        store.close()
+    assert [tuple(r) for r in rows if r[0] == 1] == [(1, "law", "ok"), (1, "medicine", "ok")]
+    model = load_base_model(_model_dir(), "none")
+    for expert in ("law", "medicine"):
+        path = d["out"] / "experts" / expert
+        assert (path / "adapter_model.safetensors").is_file()
+        model = load_adapter(model, path, adapter_name=expert)
+    assert set(model.peft_config) >= {"law", "medicine"}
+
+    # The audit log says what left the site: shapes and checksums, never the data.
+    audit = [json.loads(l) for l in (d["root"] / "work-site-00" / "audit.jsonl").read_text().splitlines()]
+    trains = [a for a in audit if a["message"] == "train"]
+    assert [a["round"] for a in trains] == [1, 2] and all(len(a["sent"]["sha256"]) == 64 for a in trains)
+    assert all(t["bytes"] > 0 and t["shape"] for a in trains for t in a["sent"]["tensors"])
+    text = (d["root"] / "work-site-00" / "audit.jsonl").read_text()
+    first = json.loads((d["suite"] / "site-00" / "train.jsonl").read_text().splitlines()[0])
+    assert (first.get("prompt") or first.get("text")) not in text
+
+
+def _model_dir() -> Path:
+    from fedmoe.shared.pretrain import ensure_default_model
+
+    return ensure_default_model()
+
+
+def test_site_killed_mid_round_does_not_hang(deployment):
+    from fedmoe.server.run_store import RunStore
+
+    d = deployment
+    # The site supervisor noticed its SuperNode died and stopped (daemon included).
+    assert d["victim_rc"] == 1, d["sites"]["site-01"].text()[-2000:]
+    # Round 2 ended by its deadline: the run finished instead of waiting for the dead site.
+    assert d["after_kill"] < ROUND_TIMEOUT + 60, d["after_kill"]
+    store = RunStore(d["out"], readonly=True)
+    try:
+        rows = {(r["round"], r["expert"]): dict(r) for r in store.db.execute("SELECT * FROM participation")}
+    finally:
+        store.close()
+    assert rows[(2, "medicine")]["status"] == "ok"
+    assert rows[(2, "law")]["status"] == "failed" and rows[(2, "law")]["reason"]
+    # The survivor is still up, ready for the next run.
+    assert d["sites"]["site-00"].popen.poll() is None
