@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from fedmoe.shared.cli import add_json_flag, print_json
@@ -61,7 +62,15 @@ def cmd_coordinator_start(args) -> int:
                   "aggregation": args.aggregation, "round-timeout": args.round_timeout,
                   "model-path": str(Path(args.model).resolve()) if args.model else ""}
     echo = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = run_coordinator(args.out, args.host, args.port, sec, run_config, timeout=args.timeout, echo=echo)
+
+    def on_sigterm(signum, frame):  # stop the run and the SuperLink as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        result = run_coordinator(args.out, args.host, args.port, sec, run_config, timeout=args.timeout, echo=echo)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = {"run_id": result.run_id, "status": result.status, "rounds_committed": result.rounds_committed,
                "rounds": args.rounds, "experts": result.experts, "seconds": result.seconds, "out": result.out}
     ok = result.rounds_committed == args.rounds and "failed" not in result.status

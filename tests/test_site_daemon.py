@@ -1,0 +1,101 @@
+"""The site daemon's gRPC service and the ClientApp's forwarding helpers, in one process
+(no Flower daemons): what the deployment test relies on, checked quickly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedmoe.shared.errors import FedmoeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    from fedmoe.client import daemon
+    from fedmoe.client.site import SiteSettings
+    from fedmoe.simulations.domain_suite import make_suite
+
+    root = tmp_path_factory.mktemp("daemon")
+    make_suite(root / "suite", domains=2, sites=2, seed=0)
+    settings = SiteSettings(str(root / "suite" / "site-00"), None, 4, "none", str(tiny_model_dir))
+    sock_dir = tempfile.mkdtemp(prefix="fedmoe-test-")
+    server, address = daemon.serve(settings, f"unix:{sock_dir}/d.sock", root / "audit.jsonl")
+    yield {"address": address, "settings": settings, "audit": root / "audit.jsonl"}
+    server.stop(0)
+
+
+def test_forwarded_train_round_trips_a_valid_delta(served):
+    from fedmoe.client import daemon, site
+    from fedmoe.shared.delta import LoraDelta
+
+    info = daemon.forward_describe(served["address"], 7, 60)
+    assert info["domain"] == "medicine" and info["rank"] == 4 and isinstance(info["num-examples"], int)
+    trainer = site.trainer_for(served["settings"])
+    arrays, meta = trainer.initial.to_records()
+    cfg = dict(meta) | {"steps": 1, "batch-size": 4, "lr": 3e-3, "seed": 1, "round": 3, "expert": "medicine"}
+    out_arrays, out_meta, metrics = daemon.forward_train(served["address"], arrays, cfg, 7, 120)
+    delta = LoraDelta.from_records(out_arrays, out_meta)
+    delta.validate(trainer.spec, trainer.fingerprint, where="reply")  # checksum computed by the daemon matches
+    assert metrics["num-examples"] > 0 and metrics["train-loss"] > 0
+    entries = [json.loads(line) for line in served["audit"].read_text().splitlines()]
+    train = [e for e in entries if e["message"] == "train"][-1]
+    assert train["round"] == 3 and train["run_id"] == 7 and train["sent"]["sha256"] == delta.checksum()
+    assert train["sent"]["bytes"] == delta.num_bytes()
+
+
+def test_daemon_errors_come_back_as_one_line(served):
+    from fedmoe.client import daemon
+    from fedmoe.shared.delta import LoraDelta
+    import torch
+
+    bad = LoraDelta({"x.lora_A.weight": torch.zeros(2, 3), "x.lora_B.weight": torch.zeros(3, 2)}, 2, 4.0, "sha256:nope")
+    arrays, meta = bad.to_records()
+    cfg = dict(meta) | {"steps": 1, "batch-size": 4, "lr": 3e-3, "seed": 1}
+    with pytest.raises(FedmoeError, match="site daemon Train: .*rank 2.*rank 4"):
+        daemon.forward_train(served["address"], arrays, cfg, 1, 60)
+
+
+def test_daemon_and_transport_addresses_must_be_local():
+    from fedmoe.client.daemon import check_local_address
+    from fedmoe.server.coordinator import Security, check_security
+
+    assert check_local_address("127.0.0.1:5000") and check_local_address("unix:/tmp/x.sock")
+    with pytest.raises(FedmoeError, match="not local"):
+        check_local_address("10.1.2.3:5000")
+    with pytest.raises(FedmoeError, match="loopback"):
+        check_security("0.0.0.0", Security(insecure=True))
+    with pytest.raises(FedmoeError, match="--ssl-ca-certfile"):
+        check_security("127.0.0.1", Security())
+
+
+@pytest.mark.parametrize("args", [
+    ["coordinator", "start", "--insecure", "--host", "10.0.0.5", "--out", "/tmp/never"],
+    ["site", "start", "--insecure", "--superlink", "10.0.0.5:9093", "--data", "/tmp/never"],
+])
+def test_insecure_off_loopback_is_refused_in_one_line(args):
+    r = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "loopback" in lines[0], r.stderr
+
+
+def test_app_config_matches_pyproject():
+    from fedmoe.server.coordinator import APP_CONFIG, CLIENT_APP, SERVER_APP
+
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["config"] == APP_CONFIG
+    assert app["components"] == {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
+
+
+def test_forwarding_clientapp_does_not_import_torch():
+    code = "import sys, fedmoe.client.client_app; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
