@@ -3,7 +3,7 @@
 One run builds a Llama model with random weights (about 115M parameters by default,
 saved in bfloat16 like a real checkpoint, with the tiny model's tokenizer), then trains
 a LoRA adapter on it for a few steps once per quantization mode, each in a fresh
-subprocess so that every mode's peak resident memory (`ru_maxrss`) is its own. The
+subprocess so that every mode's peak resident memory (Linux VmHWM) is its own. The
 result is the two modes side by side and their ratios, measured in the same run.
 
     fedmoe bench memory                      # ~115M parameters, defaults below
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params-m", type=float, default=115, help="model size in millions of parameters (default 115)")
     p.add_argument("--steps", type=int, default=3, help="measured training steps per mode (default 3)")
     p.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before measuring (default 1)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence (default 64)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per training sequence (default 32)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -95,9 +95,24 @@ def training_records(tokenizer, n: int, seq_len: int):
     return records
 
 
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MB.
+
+    Linux's VmHWM is per address space, so it starts afresh at exec; `ru_maxrss` does
+    not (a child inherits its parent's peak across fork+exec), so it is only the
+    fallback where /proc is missing."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+        return peak, peak
+
+
 def child(model_dir: str, quant: str, steps: int, warmup: int, seq_len: int, batch_size: int, rank: int, device: str) -> dict:
     """One mode, run in its own process: load, attach LoRA, train; report peak memory."""
-    import resource
     import time
 
     import torch
@@ -110,7 +125,7 @@ def child(model_dir: str, quant: str, steps: int, warmup: int, seq_len: int, bat
     import transformers  # noqa: F401
 
     cuda = torch.cuda.is_available() and device != "cpu"
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_mb, _ = rss_mb()
     start = time.perf_counter()
     trainer = SiteTrainer(model_dir, quant=quant, rank=rank, device=device)
     load_seconds = time.perf_counter() - start
@@ -125,13 +140,13 @@ def child(model_dir: str, quant: str, steps: int, warmup: int, seq_len: int, bat
     _, result = trainer.train(records, TrainConfig(steps=steps, batch_size=batch_size, max_length=seq_len, seed=0))
     if cuda:
         torch.cuda.synchronize()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, peak_mb = rss_mb()
     return {
         "quant": quant,
         "device": str(next(trainer.model.parameters()).device),
-        "peak_rss_mb": peak_kb / 1024,
-        "baseline_rss_mb": baseline_kb / 1024,
-        "peak_rss_above_baseline_mb": (peak_kb - baseline_kb) / 1024,
+        "peak_rss_mb": peak_mb,
+        "baseline_rss_mb": baseline_mb,
+        "peak_rss_above_baseline_mb": peak_mb - baseline_mb,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "weight_bytes": weight_bytes,
         "trainable_parameters": trainable,
@@ -143,15 +158,16 @@ def child(model_dir: str, quant: str, steps: int, warmup: int, seq_len: int, bat
     }
 
 
-def run_mode(model_dir: Path, quant: str, args) -> dict:
-    cmd = [sys.executable, "-m", "fedmoe.simulations.benchmarks.memory", "--child", str(model_dir), quant,
-           str(args.steps), str(args.warmup_steps), str(args.seq_len), str(args.batch_size), str(args.rank), args.device]
+def in_subprocess(job: str, **kwargs) -> dict:
+    """Run `job` (build | train) in a fresh interpreter; its last stdout line is JSON."""
+    cmd = [sys.executable, "-m", "fedmoe.simulations.benchmarks.memory", "--child", json.dumps({"job": job, **kwargs})]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        raise FedmoeError(f"memory benchmark ({quant}) failed: {tail[-1] if tail else f'exit code {proc.returncode}'}")
+        what = job if "quant" not in kwargs else f"{job} {kwargs['quant']}"
+        raise FedmoeError(f"memory benchmark ({what}) failed: {tail[-1] if tail else f'exit code {proc.returncode}'}")
     return json.loads(lines[-1])
 
 
@@ -164,8 +180,11 @@ def run(args) -> dict:
         raise FedmoeError("--steps and --batch-size must be >= 1 and --seq-len >= 8")
     with tempfile.TemporaryDirectory(prefix="fedmoe-bench-memory-") as tmp:
         model_dir = Path(tmp) / "model"
-        model = build_random_model(model_dir, args.params_m, args.seq_len)
-        modes = {quant: run_mode(model_dir, quant, args) for quant in MODES}
+        # Built in a subprocess too, so this process stays small while the modes run.
+        model = in_subprocess("build", out=str(model_dir), params_m=args.params_m, seq_len=args.seq_len)
+        modes = {quant: in_subprocess("train", model_dir=str(model_dir), quant=quant, steps=args.steps, warmup=args.warmup_steps,
+                                      seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank, device=args.device)
+                 for quant in MODES}
         shutil.rmtree(model_dir, ignore_errors=True)
     nf4, none = modes["nf4"], modes["none"]
     return {
@@ -234,9 +253,18 @@ def plot(result: dict, png_path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__" and len(sys.argv) == 10 and sys.argv[1] == "--child":
+def child_main(spec: str) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    _, _, model_dir, quant, steps, warmup, seq_len, batch_size, rank, device = sys.argv
-    print(json.dumps(child(model_dir, quant, int(steps), int(warmup), int(seq_len), int(batch_size), int(rank), device)))
+    kwargs = json.loads(spec)
+    job = kwargs.pop("job")
+    if job == "build":
+        result = build_random_model(Path(kwargs["out"]), kwargs["params_m"], kwargs["seq_len"])
+    else:
+        result = child(**kwargs)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
+    child_main(sys.argv[2])
