@@ -68,7 +68,12 @@ def build_client_app(plan: list[dict] | None = None) -> ClientApp:
 
             settings = settings_for(context, plan)
             received = compression.decode(msg.content["arrays"], cfg)
-            trained, metrics = site.train(settings, received, train_config(cfg))
+            trained, metrics = site.train(settings, received, train_config(cfg),
+                                          {k: cfg[k] for k in ("freeze-a", "dp-clip") if k in cfg})
+            if plan is not None and "chaos" in (entry := plan[int(context.node_config["partition-id"])]):
+                from fedmoe.client.chaos import corrupt_for
+
+                trained = corrupt_for(entry, cfg, site.describe(settings)["site"], trained)
             arrays, meta = site.encode_reply(settings, str(cfg.get("expert", "")), received, trained,
                                              str(cfg.get("compression", "none")))
         return Message(RecordDict({"arrays": arrays, "config": meta, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -66,11 +66,21 @@ def describe(settings: SiteSettings) -> dict:
             "fingerprint": trainer.fingerprint, "num-examples": len(site.train)}
 
 
-def train(settings: SiteSettings, delta: LoraDelta, cfg: TrainConfig) -> tuple[LoraDelta, dict]:
+def train(settings: SiteSettings, delta: LoraDelta, cfg: TrainConfig, privacy: dict | None = None) -> tuple[LoraDelta, dict]:
+    """`privacy` (from the TRAIN config): `freeze-a` trains lora_B only against the shared A;
+    `dp-clip` clips the update s (B_k - B_0) to that norm (fedmoe.client.privacy)."""
+    from contextlib import nullcontext
+
+    from fedmoe.client.privacy import clip_b_update, frozen_lora_a
+
+    privacy = privacy or {}
     site = site_data(settings)
     trainer = trainer_for(settings)
     trainer.set_adapter(delta)
-    new, result = trainer.train(site.train, cfg)
+    with frozen_lora_a(trainer.model) if privacy.get("freeze-a") else nullcontext():
+        new, result = trainer.train(site.train, cfg)
+    if privacy.get("freeze-a"):  # the pre-clip norm is data-dependent: it stays here
+        new, _ = clip_b_update(new, delta, float(privacy.get("dp-clip", float("inf"))))
     return new, {"num-examples": len(site.train), "train-loss": result.final_loss, "seconds": result.seconds,
                  "tokens": result.tokens}
 

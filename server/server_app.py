@@ -91,8 +91,11 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         raise FedmoeError("no usable site answered the describe query")
     progress("experts: " + ", ".join(f"{e} ({len(n)} sites, ranks {sorted({x.rank for x in n})})" for e, n in groups.items()))
     first = resume_experts(store, strategy, list(groups), progress) + 1 if plan.resume else 1
-    history = []
+    history, stopped = [], None
     for rnd in range(first, plan.rounds + 1):
+        if stopped := strategy.budget_stop(rnd):
+            progress(stopped)
+            break
         store.begin_round(rnd)
         started = time.perf_counter()
         sent = strategy.configure_train(rnd)
@@ -120,7 +123,7 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         partial.replace(target)
     store.finish_run("finished")
     store.close()
-    return {"history": history, "experts": sorted(e for e in strategy.experts if e != SINGLE_EXPERT)}
+    return {"history": history, "experts": sorted(e for e in strategy.experts if e != SINGLE_EXPERT), "stopped": stopped}
 
 
 def resume_experts(store: RunStore, strategy: DomainExpertStrategy, experts: list[str], progress) -> int:

@@ -11,6 +11,7 @@ An optional `all` expert trained by every node gives the `fedavg_single` baselin
 from __future__ import annotations
 
 import random
+import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -41,6 +42,12 @@ class StrategyConfig:
     single_expert: bool = False
     alpha_per_rank: float = 2.0  # alpha = 2 r, the peft habit
     compression: str = "none"  # none | fp16 | int8: adapters both ways (fedmoe.shared.compression)
+    robust: str = "none"  # none | norm | trimmed-mean | median (fedmoe.server.robust)
+    privacy: str = "none"  # none | dp | secagg (fedmoe.server.privacy)
+    noise_multiplier: float = 1.0  # dp: Gaussian noise std / clip
+    clip: float = 1.0  # dp: bound on a site's update norm ||s (B_k - B_0)||
+    dp_delta: float = 1e-5
+    epsilon_budget: float | None = None  # dp: stop before a round that would exceed it
 
 
 @dataclass
@@ -69,6 +76,13 @@ class DomainExpertStrategy:
         self.nodes: dict[int, Node] = {}
         self.experts: dict[str, dict[str, LowRank]] = {}
         self._init: dict[int, LoraDelta] = {}
+        from fedmoe.server.privacy import PrivacyAccountant, PrivacyConfig
+        from fedmoe.server.robust import RobustConfig
+
+        self.robust = RobustConfig(cfg.robust)
+        self.privacy = PrivacyConfig(cfg.privacy, cfg.noise_multiplier, cfg.clip, cfg.dp_delta, cfg.epsilon_budget)
+        self._noise_std: dict[str, float] = {}
+        self.accountant = PrivacyAccountant(cfg.noise_multiplier, cfg.dp_delta) if cfg.privacy == "dp" else None
 
     # -- membership ------------------------------------------------------------
     def add_node(self, node: Node) -> str | None:
@@ -124,7 +138,7 @@ class DomainExpertStrategy:
                 config = ConfigRecord(dict(meta) | {"compression": self.cfg.compression,
                     "expert": expert, "round": rnd, "steps": self.cfg.local_steps, "batch-size": self.cfg.batch_size,
                     "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
-                    "prox-mu": self.cfg.prox_mu})
+                    "prox-mu": self.cfg.prox_mu} | self.privacy_train_config())
                 msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node.node_id, message_type="train")
                 out.append((expert, node, msg))
         return out
@@ -133,6 +147,7 @@ class DomainExpertStrategy:
         """`replies[i]` answers `sent[i]` (None: no reply by the deadline)."""
         result = RoundResult()
         accepted: dict[str, list[tuple[LoraDelta, float, dict]]] = {}
+        sent_of: dict[int, tuple[Node, LoraDelta]] = {}  # id(reply delta) -> (node, adapter we sent)
         for (expert, node, msg), reply in zip(sent, replies):
             bytes_out = compression.record_bytes(msg.content["arrays"])
             row = {"site": node.site, "node_id": node.node_id, "expert": expert, "bytes_out": bytes_out}
@@ -163,24 +178,123 @@ class DomainExpertStrategy:
             result.participation.append(row | {"status": "ok", "loss": metrics.get("train-loss"), "num_examples": n,
                                                "bytes_in": compression.record_bytes(reply.content["arrays"]), "seconds": metrics.get("seconds")})
             accepted.setdefault(expert, []).append((delta, float(n), metrics))
+            sent_of[id(delta)] = (node, compression.decode(msg.content["arrays"], msg.content["config"]))
+        accepted = self.screen(accepted, sent_of, result)
         for expert, items in accepted.items():
             updates = [(d, w) for d, w, _ in items]
-            if self.cfg.aggregation == "exact":
+            if self.privacy.frozen_a:
+                if (aggregated := self.frozen_a_round(expert, items, sent_of, result)) is None:
+                    continue
+                self.experts[expert] = aggregated
+            elif self.robust.method in ("trimmed-mean", "median"):
+                from fedmoe.server.robust import coordinate_aggregate
+
+                self.experts[expert] = coordinate_aggregate(updates, self.robust.method, self.robust.trim)
+            elif self.cfg.aggregation == "exact":
                 self.experts[expert] = exact_lora_aggregate(updates, self.max_rank(expert))
             else:
                 self.experts[expert] = naive_lora_aggregate(updates)
             # Canonical state = what the checkpoint holds, so a resumed run continues bit for bit.
             self.restore(expert, self.expert_delta(expert))
             total = sum(w for _, w, _ in items)
-            result.metrics[expert] = {
+            result.metrics[expert] = self._noise_metrics(expert) | {
                 "train_loss": sum(m.get("train-loss", 0.0) * w for _, w, m in items) / total,
                 "sites_ok": len(items),
                 "update_norm": self.expert_delta(expert).update_norm(),
             }
+        if self.accountant is not None and accepted:
+            self.accountant.step(self.sample_rate(), self.steps_per_round())
+            for expert in accepted:
+                result.metrics[expert]["dp_epsilon"] = self.accountant.epsilon()
         for expert in self.groups():
             failed = sum(1 for p in result.participation if p["expert"] == expert and p["status"] != "ok")
             result.metrics.setdefault(expert, {})["sites_failed"] = failed
         return result
+
+    # -- robustness and privacy (fedmoe.server.robust, fedmoe.server.privacy) ----------
+    def screen(self, accepted: dict, sent_of: dict, result: RoundResult) -> dict:
+        """Outlier rejection / norm bounding over the round's accepted replies, all experts pooled."""
+        from fedmoe.server.robust import screen
+
+        if self.robust.method == "none" or self.privacy.frozen_a:
+            return accepted
+        keyed = [((expert, i), d, sent_of[id(d)][1]) for expert, items in accepted.items() for i, (d, _, _) in enumerate(items)]
+        verdicts = {s.key: s for s in screen(keyed, self.robust)}
+        out: dict = {}
+        for expert, items in accepted.items():
+            for i, (d, w, m) in enumerate(items):
+                v, node = verdicts[(expert, i)], sent_of[id(d)][0]
+                row = next(p for p in result.participation if p["node_id"] == node.node_id and p["expert"] == expert)
+                row["update_norm"] = v.norm
+                if v.status == "rejected":
+                    result.rejections.append({"site": node.site, "node_id": node.node_id, "expert": expert, "reason": v.reason})
+                    row.update(status="rejected", reason=v.reason)
+                    continue
+                if v.status == "clipped":
+                    row["reason"] = v.reason
+                    sent_of[id(v.delta)] = sent_of[id(d)]
+                out.setdefault(expert, []).append((v.delta, w, m))
+        return out
+
+    def _noise_metrics(self, expert: str) -> dict:
+        std = getattr(self, "_noise_std", {}).pop(expert, None)
+        return {} if std is None else {"dp_noise_std": std}
+
+    def privacy_train_config(self) -> dict:
+        if not self.privacy.frozen_a:
+            return {}
+        return {"freeze-a": True} | ({"dp-clip": float(self.privacy.clip)} if self.privacy.mode == "dp" else {})
+
+    def sample_rate(self) -> float:
+        """The fraction of a domain's sites sampled per round (the accountant's q; at most 1)."""
+        return min(1.0, max(len(self.sample(n, 0, e)) / len(n) for e, n in self.groups().items()))
+
+    def steps_per_round(self) -> int:
+        """Gaussian steps a site takes part in per round: its domain expert, plus `all` if trained."""
+        return 2 if self.cfg.single_expert else 1
+
+    def budget_stop(self, rnd: int) -> str | None:
+        """Why round `rnd` must not run (its ε would exceed the budget), or None."""
+        if self.accountant is None or self.privacy.epsilon_budget is None:
+            return None
+        eps = self.accountant.epsilon_after(self.sample_rate(), self.steps_per_round())
+        if eps > self.privacy.epsilon_budget:
+            return (f"privacy budget: round {rnd} would bring epsilon to {eps:.3g} > budget "
+                    f"{self.privacy.epsilon_budget:g} (delta {self.privacy.delta:g}); stopping after round {rnd - 1}")
+        return None
+
+    def frozen_a_round(self, expert: str, items: list, sent_of: dict, result: RoundResult) -> dict[str, LowRank]:
+        """FFA-LoRA aggregation: mean of the sites' B updates against the frozen A; in `dp`
+        mode equal weights, a clip check and Gaussian noise of std z C / n."""
+        import torch
+
+        from fedmoe.server.privacy import b_update, frozen_a_aggregate, update_norm
+
+        r_max = self.max_rank(expert)
+        updates = []
+        for d, w, _ in items:
+            node, sent = sent_of[id(d)]
+            try:
+                u = b_update(d, sent, r_max)
+                if self.privacy.mode == "dp" and update_norm(u) > self.privacy.clip * (1 + 1e-4):
+                    raise DeltaValidationError(f"update norm {update_norm(u):.4g} exceeds the DP clip {self.privacy.clip:g}")
+            except DeltaValidationError as exc:
+                reason = f"site {node.site}: {exc}"
+                result.rejections.append({"site": node.site, "node_id": node.node_id, "expert": expert, "reason": reason})
+                next(p for p in result.participation if p["node_id"] == node.node_id and p["expert"] == expert).update(
+                    status="rejected", reason=reason)
+                continue
+            updates.append((u, 1.0 if self.privacy.mode == "dp" else w))
+        if not updates:
+            return None
+        noise_std = 0.0
+        if self.privacy.mode == "dp":
+            noise_std = self.privacy.noise_multiplier * self.privacy.clip / len(updates)
+            self._noise_std[expert] = noise_std
+        # DP noise is deliberately unseeded: whoever knows the seed could subtract the noise.
+        gen = torch.Generator().manual_seed(secrets.randbits(63))
+        a0 = self.init_adapter(r_max)
+        return frozen_a_aggregate(self.experts.get(expert), a0, updates, self.cfg.alpha_per_rank, noise_std, gen)
 
     def expert_delta(self, expert: str) -> LoraDelta:
         """The expert at its largest site rank, as a LoraDelta (checkpoints, export)."""

@@ -27,6 +27,17 @@ def register(sub) -> None:
     s.add_argument("--resume", metavar="OUT", help="continue a killed run in OUT from its last committed round")
     s.add_argument("--ray-address", help="run on an existing Ray cluster at this address")
     s.add_argument("--no-baselines", action="store_true", help="skip local_only, fedavg_single and centralized")
+    s.add_argument("--robust", default="none", choices=["none", "norm", "trimmed-mean", "median"],
+                   help="robust aggregation: norm = outlier rejection + norm bounding (exact); trimmed-mean/median "
+                        "= coordinate-wise on factors (default none)")
+    s.add_argument("--chaos", metavar="SPEC", help='faulty sites, e.g. "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"')
+    s.add_argument("--privacy", default="none", choices=["none", "ffa", "dp"],
+                   help="ffa: frozen shared A (FFA-LoRA); dp: ffa + site clipping + Gaussian noise + RDP accounting")
+    s.add_argument("--noise-multiplier", type=float, default=1.0, help="dp: noise std / clip (default 1.0)")
+    s.add_argument("--clip", type=float, default=1.0, help="dp: site update norm bound C (default 1.0)")
+    s.add_argument("--epsilon-budget", type=float, help="dp: stop before a round that would exceed this epsilon")
+    s.add_argument("--dp-delta", type=float, default=1e-5, help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
+    s.add_argument("--no-mia", action="store_true", help="skip the membership-inference check in the report")
     add_json_flag(s)
     s.set_defaults(func=cmd_simulate)
     register_bench(sub)
@@ -59,11 +70,16 @@ def cmd_simulate(args) -> int:
         raise FedmoeError("simulate needs --out DIR (or --resume DIR)")
     else:
         report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
-                          baselines=not args.no_baselines, compression=args.compression)
+                          baselines=not args.no_baselines, compression=args.compression, robust=args.robust,
+                          chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier, clip=args.clip,
+                          epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia)
     if args.json:
         print_json(report)
     else:
         print(report_table(report))
+        from fedmoe.simulations.privacy_report import markdown
+
+        print(markdown(report).strip())
         print(f"wall {report['wall_seconds']:.0f}s; report: {args.out}/report.md")
     return 0
 

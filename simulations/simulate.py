@@ -82,7 +82,9 @@ def resume_args(out: str) -> dict:
 
 def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str | None = None, rounds: int | None = None,
              aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True,
-             compression: str = "none", resume: bool = False) -> dict:
+             compression: str = "none", resume: bool = False, robust: str = "none", chaos: str | None = None,
+             privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
+             dp_delta: float = 1e-5, mia: bool = True) -> dict:
     from fedmoe.client.trainer import SiteTrainer
     from fedmoe.server.server_app import FederationPlan
     from fedmoe.server.strategy import StrategyConfig
@@ -106,7 +108,9 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "simulate.json").write_text(json.dumps(
             {"preset_name": preset_name, "data_dir": data_dir, "rounds": rounds, "aggregation": aggregation,
-             "ray_address": ray_address, "baselines": baselines, "compression": compression}, indent=2))
+             "ray_address": ray_address, "baselines": baselines, "compression": compression, "robust": robust,
+             "chaos": chaos, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
+             "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia}, indent=2))
     model_dir = ensure_default_model()
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
@@ -116,8 +120,16 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         raise FedmoeError(f"{suite}/mixed-eval.jsonl has domain {unknown[0]!r} that no site holds")
     site_plan = [{"data-path": str(s.path), "domain": s.domain, "rank": preset.ranks[i % len(preset.ranks)],
                   "quant": preset.quant, "model-path": str(model_dir)} for i, s in enumerate(sites)]
+    if chaos:
+        from fedmoe.client.chaos import format_chaos, parse_chaos
+
+        chaos = format_chaos(parse_chaos(chaos))
+        for entry in site_plan:
+            entry.update({"chaos": chaos, "chaos-seed": preset.seed})
     strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
-                              aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression)
+                              aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
+                              robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
+                              dp_delta=dp_delta, epsilon_budget=epsilon_budget)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
@@ -137,7 +149,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     base = evaluate(load_base_model(model_dir, "none"), tokenizer, mixed)
     add("base", {d: v["accuracy"] for d, v in base.per_domain.items()})
     experts = {d: out_dir / "experts" / d for d in results["experts"]}
-    add("experts_oracle", score_adapters(model_dir, experts, mixed, route=lambda d: d))
+    if experts:
+        add("experts_oracle", score_adapters(model_dir, experts, mixed, route=lambda d: d))
     if baselines:
         add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed, route=lambda d: "all"))
         trainer = SiteTrainer(model_dir, preset.quant, 8)
@@ -151,6 +164,10 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         "federation_seconds": fed_seconds, "history": results["history"],
         "compression": compression, **wire_bytes(out_dir),
     }
+    from fedmoe.simulations import privacy_report
+
+    report |= privacy_report.sections(out_dir, model_dir, sites, rounds, preset.seed, baselines, robust, chaos, plan,
+                                      results, experts if mia else {})
     report["wall_seconds"] = time.perf_counter() - wall
     write_report(out_dir, report)
     return report
@@ -197,9 +214,16 @@ def write_report(out_dir: Path, report: dict) -> None:
           f"Adapters on the wire: {report.get('compression', 'none')}, "
           f"{report.get('bytes_per_site_round', {}).get('total', 0) / 1e3:.1f} kB per site per round.\n\n"
           "Exact-match accuracy on the mixed held-out set (phrasings unseen in training):\n\n" + report_table(report)
+          + privacy_markdown(report)
           + "\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
     (out_dir / "report.md").write_text(md)
     plot_report(out_dir, report)
+
+
+def privacy_markdown(report: dict) -> str:
+    from fedmoe.simulations.privacy_report import markdown
+
+    return markdown(report)
 
 
 def plot_report(out_dir: Path, report: dict) -> None:
