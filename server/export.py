@@ -69,6 +69,16 @@ def export_expert(run_dir: str | Path, name: str, fmt: str, out: str | Path, qua
     base, adapter, info = resolve_expert(run_dir, name)
     out = Path(out)
     _check_out(out)
+    created = not out.exists()
+    try:
+        return _export(base, adapter, info, name, fmt, run_dir, out, quantize, exporter)
+    except BaseException:
+        if created:  # no half-written folder left behind to be mistaken for an export
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _export(base: Path, adapter: Path, info: dict, name: str, fmt: str, run_dir, out: Path, quantize, exporter) -> dict:
     meta = {"expert": name, "run": str(run_dir), "base_model": str(base), "base_fingerprint": info.get("base_fingerprint")}
     if fmt == "peft":
         shutil.copytree(adapter, out, dirs_exist_ok=True)
@@ -275,37 +285,50 @@ def onnx_bytes(path: str | Path) -> int:
 
 def _torch_onnx_export(wrapper, args, path: Path, in_names, out_names, n: int, with_positions: bool, exporter: str,
                        external: bool) -> None:
+    import logging
     import warnings
 
     import torch
 
     n_fixed = 3 if with_positions else 2
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notices
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            from torch.export import Dim
+        try:
+            _run_exporter(wrapper, args, path, in_names, out_names, n, with_positions, exporter, external, n_fixed)
+        finally:
+            onnx_log.setLevel(level)
 
-            batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
-            shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}}
-            if with_positions:
-                shapes["position_ids"] = {0: batch, 1: seq}
-            # torch.export sees the wrapper's varargs (positions, cache) as one tuple.
-            rest = ([shapes["position_ids"]] if with_positions else []) + [{0: batch, 2: past}] * (2 * n)
-            dynamic_shapes = (shapes["input_ids"], shapes["attention_mask"], tuple(rest))
-            program = torch.onnx.export(wrapper, args, input_names=in_names, output_names=out_names,
-                                        dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False)
-            program.save(str(path), external_data=external)
-        else:
-            axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
-                    "logits": {0: "batch", 1: "seq"}}
-            if with_positions:
-                axes["position_ids"] = {0: "batch", 1: "seq"}
-            for name in in_names[n_fixed:]:
-                axes[name] = {0: "batch", 2: "past"}
-            for name in out_names[1:]:
-                axes[name] = {0: "batch", 2: "total"}
-            torch.onnx.export(wrapper, args, str(path), input_names=in_names, output_names=out_names,
-                              dynamic_axes=axes, dynamo=False, opset_version=18)
+
+def _run_exporter(wrapper, args, path, in_names, out_names, n, with_positions, exporter, external, n_fixed) -> None:
+    import torch
+
+    if exporter == "dynamo":
+        from torch.export import Dim
+
+        batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
+        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total}}
+        if with_positions:
+            shapes["position_ids"] = {0: batch, 1: seq}
+        # torch.export sees the wrapper's varargs (positions, cache) as one tuple.
+        rest = ([shapes["position_ids"]] if with_positions else []) + [{0: batch, 2: past}] * (2 * n)
+        dynamic_shapes = (shapes["input_ids"], shapes["attention_mask"], tuple(rest))
+        program = torch.onnx.export(wrapper, args, input_names=in_names, output_names=out_names,
+                                    dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False)
+        program.save(str(path), external_data=external)
+    else:
+        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+                "logits": {0: "batch", 1: "seq"}}
+        if with_positions:
+            axes["position_ids"] = {0: "batch", 1: "seq"}
+        for name in in_names[n_fixed:]:
+            axes[name] = {0: "batch", 2: "past"}
+        for name in out_names[1:]:
+            axes[name] = {0: "batch", 2: "total"}
+        torch.onnx.export(wrapper, args, str(path), input_names=in_names, output_names=out_names,
+                          dynamic_axes=axes, dynamo=False, opset_version=18)
 
 
 def quantize_int8(src: str | Path, dst: str | Path, external: bool = False) -> None:
