@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "fedmoe.client.site_cli",
     "fedmoe.simulations.commands",
     "fedmoe.server.commands",
+    "fedmoe.server.serve_cli",
     "fedmoe.server.coordinator_cli",
     "fedmoe.server.export_cli",
     "fedmoe.server.dashboard_cli",

@@ -1,0 +1,94 @@
+"""The site side of the learned gate: local steps on the router, experts frozen.
+
+The router is linear on the shared routing feature (`fedmoe.shared.features`), K
+logits for K experts. A site prepares, once, its prompts' features and every frozen
+expert's log-likelihood of each record's completion (peft `adapter_names`, one pass
+per expert). The local objective is the mixture-of-experts likelihood
+    -log sum_e softmax(router(x))_e p_e(y | x),
+so the router learns to send a prompt to the expert that answers it best, with no
+domain label needed. Only the router's weights travel, in both directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.features import PromptFeaturizer, record_prompt
+from fedmoe.shared.training import collate, encode_record, score_batch
+
+
+class LinearRouter(torch.nn.Module):
+    """logits = W (sqrt(d) x) + b; sqrt(d) undoes the features' 1/sqrt(d) scale."""
+
+    def __init__(self, dim: int, experts: int):
+        super().__init__()
+        self.dim = dim
+        self.proj = torch.nn.Linear(dim, experts)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features * math.sqrt(self.dim))
+
+
+@dataclass
+class RouterSiteData:
+    features: torch.Tensor  # [n, dim]
+    loglik: torch.Tensor    # [n, K]: log p_e(completion | prompt) under each frozen expert
+
+    @property
+    def count(self) -> int:
+        return int(self.features.shape[0])
+
+
+@torch.no_grad()
+def prepare_router_data(model, tokenizer, featurizer: PromptFeaturizer, records, experts: list[str],
+                        batch_size: int = 64, max_length: int = 128) -> RouterSiteData:
+    """Features and per-expert completion log-likelihoods of a site's records.
+    `model` is a peft model holding the experts as named adapters (frozen)."""
+    records = [r for r in records if not r.is_text]
+    if not records:
+        raise FedmoeError("no prompt/completion records to train the router on")
+    feats = featurizer([record_prompt(r) for r in records])
+    device = next(model.parameters()).device
+    rows = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        batch = collate([encode_record(tokenizer, r, max_length) for r in chunk], tokenizer.pad_token_id, device)
+        ntok = (batch["labels"][:, 1:] != -100).sum(1).float().cpu()
+        cols = []
+        for e in experts:
+            _, loss = score_batch(model, batch, adapter_names=[e] * len(chunk))
+            cols.append(-loss * ntok)
+        rows.append(torch.stack(cols, dim=1))
+    return RouterSiteData(feats, torch.cat(rows))
+
+
+def moe_nll(logits: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
+    return -(torch.log_softmax(logits, dim=-1) + loglik).logsumexp(dim=-1).mean()
+
+
+def local_router_update(state: dict[str, torch.Tensor], data: RouterSiteData, steps: int = 20, lr: float = 0.05,
+                        batch_size: int = 64, seed: int = 0) -> tuple[dict[str, torch.Tensor], int, dict]:
+    """`steps` Adam steps on the MoE likelihood from the received router weights;
+    returns (new weights, examples, metrics)."""
+    router = LinearRouter(data.features.shape[1], data.loglik.shape[1])
+    router.load_state_dict(state)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, data.count, (min(batch_size, data.count),), generator=gen)
+        loss = moe_nll(router(data.features[idx]), data.loglik[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    with torch.no_grad():
+        agree = (router(data.features).argmax(1) == data.loglik.argmax(1)).float().mean().item()
+    new = {k: v.detach().clone() for k, v in router.state_dict().items()}
+    return new, data.count, {"router_loss": sum(losses[-5:]) / len(losses[-5:]), "best_expert_agreement": agree}
