@@ -199,22 +199,26 @@ class RunView:
 
     # -- sites -----------------------------------------------------------------------------------
     def sites(self) -> list[dict]:
-        q = """SELECT s.*, COUNT(DISTINCT CASE WHEN p.status = 'ok' THEN p.round END) AS rounds_joined,
-                      COALESCE(SUM(CASE WHEN p.status = 'failed' THEN 1 ELSE 0 END), 0) AS failures,
-                      COALESCE(SUM(p.bytes_in), 0) AS bytes_sent, COALESCE(SUM(p.bytes_out), 0) AS bytes_received
-               FROM sites s LEFT JOIN participation p ON p.node_id = s.node_id GROUP BY s.node_id ORDER BY s.site"""
         with self._db() as db:
             if db is None:
                 return []
+            # Sites are keyed by their identity (site name) in the run store; runs written before
+            # that keyed them by Flower node id. Join on whichever the file has.
+            key = "site" if "site" in _columns(db, "participation") else "node_id"
+            q = f"""SELECT s.*, COUNT(DISTINCT CASE WHEN p.status = 'ok' THEN p.round END) AS rounds_joined,
+                          COALESCE(SUM(CASE WHEN p.status = 'failed' THEN 1 ELSE 0 END), 0) AS failures,
+                          COALESCE(SUM(p.bytes_in), 0) AS bytes_sent, COALESCE(SUM(p.bytes_out), 0) AS bytes_received
+                   FROM sites s LEFT JOIN participation p ON p.{key} = s.{key} GROUP BY s.{key} ORDER BY s.site"""
             rows = [dict(r) for r in db.execute(q)]
             # A rejection is recorded both in `rejections` and as a participation row with status
             # 'rejected'; count the rejections table, which every rejection reaches.
-            rejected = {r[0]: int(r[1]) for r in db.execute("SELECT node_id, COUNT(*) FROM rejections GROUP BY node_id")}
+            rkey = key if key in _columns(db, "rejections") else "node_id"
+            rejected = {str(r[0]): int(r[1]) for r in db.execute(f"SELECT {rkey}, COUNT(*) FROM rejections GROUP BY {rkey}")}
         return [{"node_id": str(r["node_id"]), "site": r["site"] or "", "domain": r["domain"] or "", "rank": int(r["rank"] or 0),
                  "fingerprint": r["fingerprint"] or "", "num_examples": int(r["num_examples"] or 0),
                  "first_seen": _num(r["first_seen"]), "last_seen": _num(r["last_seen"]),
                  "rounds_joined": int(r["rounds_joined"] or 0), "failures": int(r["failures"] or 0),
-                 "rejections": rejected.get(str(r["node_id"]), 0),
+                 "rejections": rejected.get(str(r[rkey]), 0),
                  "bytes_sent": int(r["bytes_sent"] or 0), "bytes_received": int(r["bytes_received"] or 0)} for r in rows]
 
     def rejections(self) -> list[dict]:
@@ -297,6 +301,10 @@ class RunView:
             rejections = int(db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0])
         return {"exists": True, "state": run["state"] if run else "waiting", "rounds": rounds,
                 "sites": tuple(sites), "rejections": rejections}
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
 
 
 def _layer_key(module: str) -> str:
@@ -421,6 +429,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "fedmoe-dashboard"
     protocol_version = "HTTP/1.1"
     dashboard: "Dashboard"  # set on the subclass made per server
+    _head = False
 
     def log_message(self, format, *args):  # no access log on stderr (it would interleave with the run's)
         pass

@@ -186,7 +186,7 @@
 
   function drawRejections(rej) {
     fillTable("rejections-table", rej.slice(-50).reverse(), [
-      [(r) => r.round, "num"], [(r) => r.node_id], [(r) => r.expert], [(r) => r.reason, "reason"],
+      [(r) => r.round, "num"], [(r) => r.site || r.node_id], [(r) => r.expert], [(r) => r.reason, "reason"],
     ]);
   }
 
