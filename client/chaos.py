@@ -1,6 +1,6 @@
 """Chaos injection for simulations: sites that turn faulty or malicious on a seeded schedule.
 
-`--chaos "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"` gives each fault a probability per
+`--chaos "nan=0.1,shape=0.05,scale=0.1,dropout=0.2[,seed=N]"` gives each fault a probability per
 (round, site, expert) TRAIN message; at most one fault hits a message (one uniform draw
 against the cumulative rates, in the order nan, shape, scale, dropout). The schedule is
 a pure function of (seed, round, site, expert), so the site that corrupts its reply and
@@ -38,6 +38,8 @@ def parse_chaos(spec: str | None) -> dict[str, float]:
             continue
         name, _, value = part.partition("=")
         name = name.strip()
+        if name == "seed":
+            continue  # chaos_seed reads it
         if name not in FAULTS:
             raise FedmoeError(f"--chaos: unknown fault {name!r}: choose from {', '.join(FAULTS)}")
         try:
@@ -52,8 +54,20 @@ def parse_chaos(spec: str | None) -> dict[str, float]:
     return rates
 
 
-def format_chaos(rates: dict[str, float]) -> str:
-    return ",".join(f"{k}={v:g}" for k, v in rates.items())
+def chaos_seed(spec: str | None, default: int) -> int:
+    """`seed=N` in the spec (default: the run's seed): which messages the faults hit."""
+    for part in (spec or "").split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == "seed":
+            try:
+                return int(value)
+            except ValueError:
+                raise FedmoeError(f"--chaos: seed={value!r} is not an integer") from None
+    return default
+
+
+def format_chaos(rates: dict[str, float], seed: int) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in rates.items()) + f",seed={seed}"
 
 
 def fault_for(rates: dict[str, float], seed: int, rnd: int, site: str, expert: str) -> str | None:
@@ -103,6 +117,6 @@ def corrupt_for(node_cfg: dict, train_cfg, site_name: str, trained: LoraDelta) -
     """Apply the fault the schedule in a simulated site's config (`chaos`, `chaos-seed`) names
     for this TRAIN message; no `chaos` key: the reply is untouched."""
     rates = parse_chaos(node_cfg.get("chaos"))
-    fault = fault_for(rates, int(node_cfg.get("chaos-seed", 0)), int(train_cfg.get("round", 0)), site_name,
+    fault = fault_for(rates, chaos_seed(node_cfg.get("chaos"), 0), int(train_cfg.get("round", 0)), site_name,
                       str(train_cfg.get("expert", "")))
     return corrupt(trained, fault)

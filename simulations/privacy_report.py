@@ -32,12 +32,13 @@ def sections(out_dir: Path, model_dir, sites, rounds: int, seed: int, baselines:
 
 
 def chaos_section(chaos: str, seed: int, rounds: int, sites, baselines: bool, participation: list[dict]) -> dict:
-    from fedmoe.client.chaos import FAULTS, parse_chaos, schedule
+    from fedmoe.client.chaos import FAULTS, chaos_seed, parse_chaos, schedule
     from fedmoe.server.strategy import SINGLE_EXPERT
 
     names = [Path(s.path).name for s in sites]
     experts_of = {Path(s.path).name: [s.domain] + ([SINGLE_EXPERT] if baselines else []) for s in sites}
     rows = {(p["round"], p["site"], p["expert"]): p for p in participation}
+    seed = chaos_seed(chaos, seed)
     injected = []
     for item in schedule(parse_chaos(chaos), seed, rounds, names, experts_of):
         p = rows.get((item["round"], item["site"], item["expert"]))

@@ -121,11 +121,11 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     site_plan = [{"data-path": str(s.path), "domain": s.domain, "rank": preset.ranks[i % len(preset.ranks)],
                   "quant": preset.quant, "model-path": str(model_dir)} for i, s in enumerate(sites)]
     if chaos:
-        from fedmoe.client.chaos import format_chaos, parse_chaos
+        from fedmoe.client.chaos import chaos_seed, format_chaos, parse_chaos
 
-        chaos = format_chaos(parse_chaos(chaos))
+        chaos = format_chaos(parse_chaos(chaos), chaos_seed(chaos, preset.seed))
         for entry in site_plan:
-            entry.update({"chaos": chaos, "chaos-seed": preset.seed})
+            entry["chaos"] = chaos
     strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
                               aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
                               robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
