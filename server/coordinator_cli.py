@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--site-public-key", action="append", default=[], metavar="KEY.pub",
                    help="register a site's OpenSSH public key (repeatable; with --enable-supernode-auth)")
     p.add_argument("--quiet", action="store_true", help="do not echo the run's log (it is always in OUT/coordinator.log)")
+    from fedmoe.server.dashboard_cli import add_operator_flags
+
+    add_operator_flags(p, embedded=True)  # --http-port (dashboard), --operator-port, --dashboard-host, --dashboard-token
     add_json_flag(p)
     p.set_defaults(func=cmd_coordinator_start)
 
@@ -66,11 +69,16 @@ def cmd_coordinator_start(args) -> int:
     def on_sigterm(signum, frame):  # stop the run and the SuperLink as Ctrl-C does
         raise KeyboardInterrupt
 
+    from fedmoe.server.dashboard_cli import start_from_args as start_operator_endpoints
+
+    operator = start_operator_endpoints(args, args.out, out=lambda text: print(text, file=sys.stderr, flush=True))
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = run_coordinator(args.out, args.host, args.port, sec, run_config, timeout=args.timeout, echo=echo)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if operator is not None:
+            operator.stop()
     summary = {"run_id": result.run_id, "status": result.status, "rounds_committed": result.rounds_committed,
                "rounds": args.rounds, "experts": result.experts, "seconds": result.seconds, "out": result.out}
     ok = result.rounds_committed == args.rounds and "failed" not in result.status

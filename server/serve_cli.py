@@ -18,6 +18,9 @@ from fedmoe.shared.errors import FedmoeError
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a finished run's gated experts over gRPC (InferenceService)")
     add_serve_arguments(p)
+    from fedmoe.server.dashboard_cli import add_operator_flags
+
+    add_operator_flags(p, embedded=True)  # --http-port (dashboard), --operator-port, --dashboard-host, --dashboard-token
     add_json_flag(p)
     p.set_defaults(func=cmd_serve)
 
@@ -59,10 +62,15 @@ def start_from_args(args):
 
 
 def cmd_serve(args) -> int:
+    from fedmoe.server.dashboard_cli import start_from_args as start_operator_endpoints
+
     serving = start_from_args(args)
     served = serving.served
+    operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True))
     info = {"address": f"{serving.host}:{serving.port}", "port": serving.port, "run": args.run,
             "experts": served.experts, "gates": list(served.gates), "default_gate": serving.default_gate}
+    if operator is not None:
+        info["dashboard"] = operator.info()
     if args.json:
         print_json(info)
     else:
@@ -74,6 +82,8 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serving.stop()
+    if operator is not None:
+        operator.stop()
     return 0
 
 

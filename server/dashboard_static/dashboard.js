@@ -81,8 +81,8 @@
     const badge = $("run-state");
     badge.textContent = o.state;
     badge.className = "badge " + o.state;
-    $("run-round").textContent = `${o.current_round} / ${o.total_rounds || "?"}` +
-      (o.committed_rounds !== o.current_round ? ` (${o.committed_rounds} committed)` : "");
+    $("run-round").textContent = `${o.current_round} / ${o.total_rounds || "?"}`;
+    $("run-round-sub").textContent = o.committed_rounds !== o.current_round ? `${o.committed_rounds} committed, 1 in flight` : "";
     tickClock();
     $("run-eta").textContent = o.state === "running" ? fmtDuration(o.eta_seconds) : o.state === "waiting" ? "—" : "done";
     $("run-sites").textContent = o.sites;
