@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "fedmoe.server.commands",
     "fedmoe.server.serve_cli",
     "fedmoe.server.coordinator_cli",
+    "fedmoe.server.keys_cli",
     "fedmoe.server.export_cli",
     "fedmoe.server.dashboard_cli",
 )
