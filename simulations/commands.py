@@ -87,7 +87,12 @@ def cmd_simulate(args) -> int:
 # `fedmoe bench NAME`: one module per benchmark in fedmoe.simulations.benchmarks, one line here.
 BENCHMARKS = {
     "memory": ("fedmoe.simulations.benchmarks.memory", "peak memory and tokens/s of LoRA training, nf4 vs none"),
+    "latency": ("fedmoe.simulations.benchmarks.latency", "per-request latency of gated top-1 inference vs a single LoRA"),
     "edge": ("fedmoe.simulations.benchmarks.edge", "tokens/s, first-token latency and size: onnxruntime fp32/int8 vs torch eager"),
+    "deployment": ("fedmoe.simulations.benchmarks.deployment", "per-round overhead: deployed (SuperLink, SuperNodes, site daemons) vs simulation"),
+    "comm": ("fedmoe.simulations.benchmarks.comm", "adapter bytes per site per round and accuracy: fp32 vs fp16 vs int8 deltas"),
+    "aggregate": ("fedmoe.simulations.benchmarks.aggregate", "exact (streaming, QR) vs naive aggregation of N sites: time, peak memory"),
+    "overhead": ("fedmoe.simulations.benchmarks.overhead", "fedmoe simulate wall time vs the sites' pure local training time"),
 }
 
 
