@@ -58,7 +58,8 @@ A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # as shared/delta.py (n
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    # hex: never starts with "-" (which argparse would take for an option in `--token T`)
+    return secrets.token_hex(20)
 
 
 def token_matches(given: str | None, token: str) -> bool:
