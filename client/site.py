@@ -48,22 +48,31 @@ def site_data(settings: SiteSettings) -> Site:
 def trainer_for(settings: SiteSettings):
     from fedmoe.client.trainer import SiteTrainer
 
-    model_dir = settings.model_path
-    if not model_dir:
-        from fedmoe.shared.pretrain import ensure_default_model
-
-        model_dir = str(ensure_default_model())
+    model_dir = model_dir_for(settings)
     key = (model_dir, settings.quant, settings.rank)
     if key not in _trainers:
         _trainers[key] = SiteTrainer(model_dir, settings.quant, settings.rank)
     return _trainers[key]
 
 
+def model_dir_for(settings: SiteSettings) -> str:
+    if settings.model_path:
+        return settings.model_path
+    from fedmoe.shared.pretrain import ensure_default_model
+
+    return str(ensure_default_model())
+
+
 def describe(settings: SiteSettings) -> dict:
+    """Who the site is, without loading the model: the fingerprint hashes the files, so
+    the coordinator's first QUERY is answered in milliseconds, not a model load."""
+    from fedmoe.shared.modeling import QUANT_MODES, model_fingerprint
+
+    if settings.quant not in QUANT_MODES:
+        raise FedmoeError(f"unknown quantization {settings.quant!r} in the site's node config: choose one of {', '.join(QUANT_MODES)}")
     site = site_data(settings)
-    trainer = trainer_for(settings)
     return {"site": Path(settings.data_path).name, "domain": site.domain, "rank": settings.rank, "quant": settings.quant,
-            "fingerprint": trainer.fingerprint, "num-examples": len(site.train)}
+            "fingerprint": model_fingerprint(model_dir_for(settings)), "num-examples": len(site.train)}
 
 
 def train(settings: SiteSettings, delta: LoraDelta, cfg: TrainConfig, privacy: dict | None = None) -> tuple[LoraDelta, dict]:
