@@ -44,6 +44,31 @@ def train_config(cfg):
                        seed=int(cfg["seed"]), prox_mu=float(cfg.get("prox-mu", 0.0)))
 
 
+def train_in_process(settings, arrays, cfg, chaos: dict | None = None):
+    """One TRAIN, here: decode the received adapter, train with the config's privacy
+    options, encode the reply. The site daemon calls this too, so both paths are one."""
+    from fedmoe.client import site
+    from fedmoe.shared import compression
+
+    received = compression.decode(arrays, cfg)
+    trained, metrics = site.train(settings, received, train_config(cfg),
+                                  {k: cfg[k] for k in ("freeze-a", "dp-clip") if k in cfg})
+    if chaos is not None:
+        from fedmoe.client.chaos import corrupt_for
+
+        trained = corrupt_for(chaos, cfg, site.describe(settings)["site"], trained)
+    out_arrays, meta = site.encode_reply(settings, str(cfg.get("expert", "")), received, trained,
+                                         str(cfg.get("compression", "none")))
+    return out_arrays, meta, metrics
+
+
+def evaluate_in_process(settings, arrays, cfg) -> dict:
+    from fedmoe.client import site
+    from fedmoe.shared.delta import LoraDelta
+
+    return site.evaluate(settings, LoraDelta.from_records(arrays, cfg))
+
+
 def build_client_app(plan: list[dict] | None = None) -> ClientApp:
     app = ClientApp()
 
@@ -63,19 +88,10 @@ def build_client_app(plan: list[dict] | None = None) -> ClientApp:
         if address := daemon_for(context, plan):
             arrays, meta, metrics = daemon.forward_train(address, msg.content["arrays"], cfg, context.run_id, DAEMON_TIMEOUT)
         else:
-            from fedmoe.client import site
-            from fedmoe.shared import compression
-
-            settings = settings_for(context, plan)
-            received = compression.decode(msg.content["arrays"], cfg)
-            trained, metrics = site.train(settings, received, train_config(cfg),
-                                          {k: cfg[k] for k in ("freeze-a", "dp-clip") if k in cfg})
+            chaos = None
             if plan is not None and "chaos" in (entry := plan[int(context.node_config["partition-id"])]):
-                from fedmoe.client.chaos import corrupt_for
-
-                trained = corrupt_for(entry, cfg, site.describe(settings)["site"], trained)
-            arrays, meta = site.encode_reply(settings, str(cfg.get("expert", "")), received, trained,
-                                             str(cfg.get("compression", "none")))
+                chaos = entry
+            arrays, meta, metrics = train_in_process(settings_for(context, plan), msg.content["arrays"], cfg, chaos)
         return Message(RecordDict({"arrays": arrays, "config": meta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.evaluate()
@@ -84,11 +100,7 @@ def build_client_app(plan: list[dict] | None = None) -> ClientApp:
             metrics = daemon.forward_evaluate(address, msg.content["arrays"], msg.content["config"], context.run_id,
                                               DAEMON_TIMEOUT)
         else:
-            from fedmoe.client import site
-            from fedmoe.shared.delta import LoraDelta
-
-            received = LoraDelta.from_records(msg.content["arrays"], msg.content["config"])
-            metrics = site.evaluate(settings_for(context, plan), received)
+            metrics = evaluate_in_process(settings_for(context, plan), msg.content["arrays"], msg.content["config"])
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -5,7 +5,7 @@ model loaded there would be loaded again every round. `fedmoe site start` runs t
 daemon instead: it loads the (quantized) base model once, is the only process that
 reads the site's data, runs `fedmoe.client.site` for each request, and appends one
 JSON line per reply to an audit log saying exactly what left the site (tensor names,
-shapes, dtypes, bytes, the delta's sha256 checksum, the metrics; never data).
+shapes, dtypes, bytes, a sha256 of the payload, the metrics; never data).
 The ClientApp forwards to it with the helpers at the bottom of this module, which
 import neither torch nor the site code, so a forwarding ClientApp process starts fast.
 
@@ -14,6 +14,8 @@ The service listens on a Unix socket or a loopback address only.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import json
 import threading
@@ -22,13 +24,12 @@ from pathlib import Path
 
 import grpc
 
-from fedmoe.protos import lora_delta_pb2, site_daemon_pb2, site_daemon_pb2_grpc
+from fedmoe.protos import site_daemon_pb2, site_daemon_pb2_grpc
 from fedmoe.shared.errors import FedmoeError
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # adapters of large models are far over gRPC's 4 MB default
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-INT_KEYS = {"rank", "num-examples"}
 
 
 def is_loopback_host(host: str) -> bool:
@@ -75,14 +76,24 @@ class AuditLog:
             f.flush()
 
 
-def delta_summary(msg) -> dict:
-    """What an audit entry records about an adapter proto: shapes and sizes, never values."""
-    return {"rank": msg.rank, "alpha": msg.alpha, "base_fingerprint": msg.base_fingerprint, "sha256": msg.checksum,
-            "bytes": sum(len(t.data) for t in msg.tensors),
-            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": len(t.data)} for t in msg.tensors]}
+def payload_summary(payload) -> dict:
+    """What an audit entry records about a payload: names, shapes, sizes and a sha256 over
+    them and the bytes; never the values."""
+    h = hashlib.sha256()
+    for t in payload.tensors:
+        h.update(t.name.encode())
+        h.update(t.dtype.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.data)
+    config = json.loads(payload.config_json or "{}")
+    return {"sha256": h.hexdigest(), "bytes": sum(len(t.data) for t in payload.tensors),
+            "checksum": config.get("checksum"), "codec": config.get("codec"),
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": len(t.data)} for t in payload.tensors]}
 
 
 class SiteDaemonServicer(site_daemon_pb2_grpc.SiteDaemonServicer):
+    """Runs the same functions as an in-process ClientApp (fedmoe.client.client_app)."""
+
     def __init__(self, settings, audit: AuditLog, log=None):
         self.settings = settings
         self.audit = audit
@@ -91,8 +102,6 @@ class SiteDaemonServicer(site_daemon_pb2_grpc.SiteDaemonServicer):
         self._lock = threading.Lock()
 
     def _run(self, context, fn):
-        from fedmoe.shared.errors import FedmoeError
-
         try:
             with self._lock:
                 return fn()
@@ -106,45 +115,40 @@ class SiteDaemonServicer(site_daemon_pb2_grpc.SiteDaemonServicer):
 
         def go():
             info = site.describe(self.settings)
-            reply = site_daemon_pb2.DescribeReply(
-                info={k: str(v) for k, v in info.items() if not isinstance(v, (int, float))},
-                numbers={k: float(v) for k, v in info.items() if isinstance(v, (int, float))})
             self.audit.write({"message": "describe", "run_id": request.run_id, "sent": info})
-            return reply
+            return site_daemon_pb2.DescribeReply(info_json=json.dumps(info))
 
         return self._run(context, go)
 
     def Train(self, request, context):
-        from fedmoe.client import site
-        from fedmoe.shared.delta import LoraDelta
-        from fedmoe.shared.training import TrainConfig
+        from fedmoe.client.client_app import train_in_process
+
+        arrived = time.time()
 
         def go():
-            received = LoraDelta.from_proto(request.adapter)
-            cfg = TrainConfig(steps=request.steps, batch_size=request.batch_size, lr=request.lr, seed=request.seed,
-                              prox_mu=request.prox_mu)
-            self.log(f"train: run {request.run_id} round {request.round} expert {request.expert}, {cfg.steps} steps")
+            arrays, config = payload_to_records(request.payload)
+            rnd, expert = config.get("round"), config.get("expert")
+            self.log(f"train: run {request.run_id} round {rnd} expert {expert}, {config.get('steps')} steps")
             started = time.perf_counter()
-            trained, metrics = site.train(self.settings, received, cfg)
-            reply = site_daemon_pb2.TrainReply(adapter=trained.to_proto(), metrics={k: float(v) for k, v in metrics.items()})
-            self.audit.write({"message": "train", "run_id": request.run_id, "round": request.round, "expert": request.expert,
-                              "received_sha256": request.adapter.checksum, "sent": delta_summary(reply.adapter),
-                              "metrics": dict(reply.metrics)})
+            out_arrays, meta, metrics = train_in_process(self.settings, arrays, config)
+            reply = site_daemon_pb2.TrainReply(payload=records_to_payload(out_arrays, meta), metrics_json=json.dumps(metrics))
+            self.audit.write({"message": "train", "run_id": request.run_id, "round": rnd, "expert": expert,
+                              "arrived": arrived, "received_checksum": config.get("checksum"),
+                              "sent": payload_summary(reply.payload), "metrics": metrics})
             self.log(f"train: done in {time.perf_counter() - started:.1f}s, loss {metrics.get('train-loss', float('nan')):.3f}")
             return reply
 
         return self._run(context, go)
 
     def Evaluate(self, request, context):
-        from fedmoe.client import site
-        from fedmoe.shared.delta import LoraDelta
+        from fedmoe.client.client_app import evaluate_in_process
 
         def go():
-            metrics = site.evaluate(self.settings, LoraDelta.from_proto(request.adapter))
-            reply = site_daemon_pb2.EvaluateReply(metrics={k: float(v) for k, v in metrics.items()})
-            self.audit.write({"message": "evaluate", "run_id": request.run_id, "round": request.round,
-                              "received_sha256": request.adapter.checksum, "metrics": dict(reply.metrics)})
-            return reply
+            arrays, config = payload_to_records(request.payload)
+            metrics = evaluate_in_process(self.settings, arrays, config)
+            self.audit.write({"message": "evaluate", "run_id": request.run_id, "round": config.get("round"),
+                              "received_checksum": config.get("checksum"), "metrics": metrics})
+            return site_daemon_pb2.EvaluateReply(metrics_json=json.dumps(metrics))
 
         return self._run(context, go)
 
@@ -196,52 +200,56 @@ def call(address: str, method: str, request, timeout: float):
         raise FedmoeError(f"site daemon {method}: {exc.details() or exc.code().name}") from None
 
 
-def records_to_proto(arrays, config):
-    """Flower ArrayRecord + ConfigRecord metadata -> fedmoe.v1.LoraDelta, bytes as they are."""
-    for key in ("rank", "alpha", "base-fingerprint"):
-        if key not in config:
-            raise FedmoeError(f"adapter metadata lacks {key!r}")
-    msg = lora_delta_pb2.LoraDelta(rank=int(config["rank"]), alpha=float(config["alpha"]),
-                                   base_fingerprint=str(config["base-fingerprint"]), checksum=str(config.get("checksum", "")))
-    for name in sorted(arrays):
+def _jsonable(value):
+    if isinstance(value, bytes):
+        return {"__bytes__": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _unjson(value):
+    if isinstance(value, dict) and "__bytes__" in value:
+        return base64.b64decode(value["__bytes__"])
+    if isinstance(value, list):
+        return [_unjson(v) for v in value]
+    return value
+
+
+def records_to_payload(arrays, config):
+    """Flower ArrayRecord + ConfigRecord -> Payload, array bytes as they are."""
+    payload = site_daemon_pb2.Payload(config_json=json.dumps({k: _jsonable(v) for k, v in dict(config).items()}))
+    for name in arrays:
         arr = arrays[name].numpy()
-        msg.tensors.add(name=name, dtype=str(arr.dtype), shape=list(arr.shape), data=arr.astype(arr.dtype.newbyteorder("<")).tobytes(order="C"))
-    return msg
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        payload.tensors.add(name=name, dtype=arr.dtype.name, shape=list(arr.shape), data=arr.tobytes(order="C"))
+    return payload
 
 
-def proto_to_records(msg):
-    """fedmoe.v1.LoraDelta -> (ArrayRecord, ConfigRecord) as `LoraDelta.to_records` makes them."""
+def payload_to_records(payload):
+    """Payload -> (ArrayRecord, ConfigRecord), as the Flower message carried them."""
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     arrays = ArrayRecord({t.name: Array(np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(tuple(t.shape)))
-                          for t in msg.tensors})
-    config = ConfigRecord({"rank": int(msg.rank), "alpha": float(msg.alpha), "base-fingerprint": msg.base_fingerprint,
-                           "checksum": msg.checksum})
+                          for t in payload.tensors})
+    config = ConfigRecord({k: _unjson(v) for k, v in json.loads(payload.config_json or "{}").items()})
     return arrays, config
 
 
 def forward_describe(address: str, run_id: int, timeout: float) -> dict:
     reply = call(address, "Describe", site_daemon_pb2.DescribeRequest(run_id=run_id), timeout)
-    info: dict = dict(reply.info)
-    info.update({k: int(v) if k in INT_KEYS else v for k, v in reply.numbers.items()})
-    return info
+    return json.loads(reply.info_json)
 
 
 def forward_train(address: str, arrays, config, run_id: int, timeout: float):
-    """Returns (ArrayRecord, ConfigRecord, metrics dict) of the trained adapter."""
-    request = site_daemon_pb2.TrainRequest(
-        adapter=records_to_proto(arrays, config), steps=int(config["steps"]), batch_size=int(config["batch-size"]),
-        lr=float(config["lr"]), seed=int(config["seed"]), prox_mu=float(config.get("prox-mu", 0.0)), run_id=run_id,
-        round=int(config.get("round", 0)), expert=str(config.get("expert", "")))
+    """Returns (ArrayRecord, ConfigRecord, metrics dict) of the site's reply."""
+    request = site_daemon_pb2.TrainRequest(payload=records_to_payload(arrays, config), run_id=run_id)
     reply = call(address, "Train", request, timeout)
-    out_arrays, meta = proto_to_records(reply.adapter)
-    metrics = {k: int(v) if k in INT_KEYS else v for k, v in reply.metrics.items()}
-    return out_arrays, meta, metrics
+    out_arrays, meta = payload_to_records(reply.payload)
+    return out_arrays, meta, json.loads(reply.metrics_json)
 
 
 def forward_evaluate(address: str, arrays, config, run_id: int, timeout: float) -> dict:
-    request = site_daemon_pb2.EvaluateRequest(adapter=records_to_proto(arrays, config), run_id=run_id,
-                                              round=int(config.get("round", 0)))
-    reply = call(address, "Evaluate", request, timeout)
-    return {k: int(v) if k in INT_KEYS else v for k, v in reply.metrics.items()}
+    request = site_daemon_pb2.EvaluateRequest(payload=records_to_payload(arrays, config), run_id=run_id)
+    return json.loads(call(address, "Evaluate", request, timeout).metrics_json)

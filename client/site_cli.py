@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
@@ -45,6 +44,7 @@ def register(sub) -> None:
     p.add_argument("--daemon-address",
                    help="where the daemon listens: unix:PATH or 127.0.0.1:PORT (default: a private Unix socket)")
     p.add_argument("--work-dir", help="folder for the audit log and Flower's files (default: under ~/.cache/fedmoe/sites/)")
+    p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's default, all cores)")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts (default: retry forever)")
     p.set_defaults(func=cmd_site_start)
 
@@ -58,7 +58,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def check_transport(superlink: str, insecure: bool, root_certificates: str | None, what: str = "SuperLink") -> None:
     from fedmoe.client.daemon import is_loopback_host, split_host_port
 
-    host, _ = split_host_port(superlink, f"--superlink")
+    host, _ = split_host_port(superlink, "--superlink")
     if insecure:
         if root_certificates:
             raise FedmoeError("--insecure and --root-certificates exclude each other")
@@ -116,6 +116,15 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         pass
 
 
+def die_with_parent() -> None:
+    """For Popen(preexec_fn=...): the child gets SIGTERM if this process dies, even by SIGKILL
+    (Linux), so a killed `fedmoe site start` / coordinator leaves no Flower daemon behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _group(pgid: int) -> list:
     import psutil
 
@@ -140,6 +149,8 @@ def cmd_site_start(args) -> int:
         raise FedmoeError(f"unknown quantization {args.quant!r}: choose one of {', '.join(QUANT_MODES)}")
     if args.rank < 1:
         raise FedmoeError(f"--rank must be >= 1, got {args.rank}")
+    if args.threads is not None and args.threads < 1:
+        raise FedmoeError(f"--threads must be >= 1, got {args.threads}")
     if args.auth_supernode_private_key and not Path(args.auth_supernode_private_key).is_file():
         raise FedmoeError(f"--auth-supernode-private-key: file not found: {args.auth_supernode_private_key}")
     if shutil.which("flower-supernode") is None:
@@ -166,6 +177,10 @@ def cmd_site_start(args) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     server = supernode = None
     try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         log(f"loading {site.domain} site {data.name} ({args.quant}, rank {args.rank}) ...")
         server, address = daemon.serve(settings, address, audit, log=log)
         log(f"site daemon listening on {address}; audit log: {audit}")
@@ -178,7 +193,10 @@ def cmd_site_start(args) -> int:
         if args.max_retries is not None:
             cmd += ["--max-retries", str(args.max_retries)]
         env = dict(os.environ, FLWR_HOME=str(work / "flwr"))
-        supernode = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # The SuperNode's SuperExec polls for a message to run every 1 s by default; a poll is
+        # one local HTTP call, so polling faster costs little and starts each round sooner.
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+        supernode = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
         log(f"SuperNode (pid {supernode.pid}) connecting to {args.superlink}")
         code = supernode.wait()
         log(f"SuperNode exited with status {code}; stopping the site daemon")

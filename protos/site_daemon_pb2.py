@@ -25,41 +25,27 @@ _sym_db = _symbol_database.Default()
 from fedmoe.protos import lora_delta_pb2 as fedmoe_dot_protos_dot_lora__delta__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64moe/protos/site_daemon.proto\x12\tfedmoe.v1\x1a\x1e\x66\x65\x64moe/protos/lora_delta.proto\"!\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\"\xd6\x01\n\rDescribeReply\x12\x30\n\x04info\x18\x01 \x03(\x0b\x32\".fedmoe.v1.DescribeReply.InfoEntry\x12\x36\n\x07numbers\x18\x02 \x03(\x0b\x32%.fedmoe.v1.DescribeReply.NumbersEntry\x1a+\n\tInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cNumbersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb2\x01\n\x0cTrainRequest\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.fedmoe.v1.LoraDelta\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\n\n\x02lr\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x0f\n\x07prox_mu\x18\x06 \x01(\x01\x12\x0e\n\x06run_id\x18\x07 \x01(\x04\x12\r\n\x05round\x18\x08 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\t \x01(\t\"\x98\x01\n\nTrainReply\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.fedmoe.v1.LoraDelta\x12\x33\n\x07metrics\x18\x02 \x03(\x0b\x32\".fedmoe.v1.TrainReply.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"W\n\x0f\x45valuateRequest\x12%\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x14.fedmoe.v1.LoraDelta\x12\x0e\n\x06run_id\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\x03\"w\n\rEvaluateReply\x12\x36\n\x07metrics\x18\x01 \x03(\x0b\x32%.fedmoe.v1.EvaluateReply.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc9\x01\n\nSiteDaemon\x12@\n\x08\x44\x65scribe\x12\x1a.fedmoe.v1.DescribeRequest\x1a\x18.fedmoe.v1.DescribeReply\x12\x37\n\x05Train\x12\x17.fedmoe.v1.TrainRequest\x1a\x15.fedmoe.v1.TrainReply\x12@\n\x08\x45valuate\x12\x1a.fedmoe.v1.EvaluateRequest\x1a\x18.fedmoe.v1.EvaluateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64moe/protos/site_daemon.proto\x12\tfedmoe.v1\x1a\x1e\x66\x65\x64moe/protos/lora_delta.proto\"B\n\x07Payload\x12\"\n\x07tensors\x18\x01 \x03(\x0b\x32\x11.fedmoe.v1.Tensor\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\"!\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\x04\"\"\n\rDescribeReply\x12\x11\n\tinfo_json\x18\x01 \x01(\t\"C\n\x0cTrainRequest\x12#\n\x07payload\x18\x01 \x01(\x0b\x32\x12.fedmoe.v1.Payload\x12\x0e\n\x06run_id\x18\x02 \x01(\x04\"G\n\nTrainReply\x12#\n\x07payload\x18\x01 \x01(\x0b\x32\x12.fedmoe.v1.Payload\x12\x14\n\x0cmetrics_json\x18\x02 \x01(\t\"F\n\x0f\x45valuateRequest\x12#\n\x07payload\x18\x01 \x01(\x0b\x32\x12.fedmoe.v1.Payload\x12\x0e\n\x06run_id\x18\x02 \x01(\x04\"%\n\rEvaluateReply\x12\x14\n\x0cmetrics_json\x18\x01 \x01(\t2\xc9\x01\n\nSiteDaemon\x12@\n\x08\x44\x65scribe\x12\x1a.fedmoe.v1.DescribeRequest\x1a\x18.fedmoe.v1.DescribeReply\x12\x37\n\x05Train\x12\x17.fedmoe.v1.TrainRequest\x1a\x15.fedmoe.v1.TrainReply\x12@\n\x08\x45valuate\x12\x1a.fedmoe.v1.EvaluateRequest\x1a\x18.fedmoe.v1.EvaluateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedmoe.protos.site_daemon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DESCRIBEREPLY_INFOENTRY']._loaded_options = None
-  _globals['_DESCRIBEREPLY_INFOENTRY']._serialized_options = b'8\001'
-  _globals['_DESCRIBEREPLY_NUMBERSENTRY']._loaded_options = None
-  _globals['_DESCRIBEREPLY_NUMBERSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINREPLY_METRICSENTRY']._loaded_options = None
-  _globals['_TRAINREPLY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_EVALUATEREPLY_METRICSENTRY']._loaded_options = None
-  _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DESCRIBEREQUEST']._serialized_start=78
-  _globals['_DESCRIBEREQUEST']._serialized_end=111
-  _globals['_DESCRIBEREPLY']._serialized_start=114
-  _globals['_DESCRIBEREPLY']._serialized_end=328
-  _globals['_DESCRIBEREPLY_INFOENTRY']._serialized_start=237
-  _globals['_DESCRIBEREPLY_INFOENTRY']._serialized_end=280
-  _globals['_DESCRIBEREPLY_NUMBERSENTRY']._serialized_start=282
-  _globals['_DESCRIBEREPLY_NUMBERSENTRY']._serialized_end=328
-  _globals['_TRAINREQUEST']._serialized_start=331
-  _globals['_TRAINREQUEST']._serialized_end=509
-  _globals['_TRAINREPLY']._serialized_start=512
-  _globals['_TRAINREPLY']._serialized_end=664
-  _globals['_TRAINREPLY_METRICSENTRY']._serialized_start=618
-  _globals['_TRAINREPLY_METRICSENTRY']._serialized_end=664
-  _globals['_EVALUATEREQUEST']._serialized_start=666
-  _globals['_EVALUATEREQUEST']._serialized_end=753
-  _globals['_EVALUATEREPLY']._serialized_start=755
-  _globals['_EVALUATEREPLY']._serialized_end=874
-  _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_start=618
-  _globals['_EVALUATEREPLY_METRICSENTRY']._serialized_end=664
-  _globals['_SITEDAEMON']._serialized_start=877
-  _globals['_SITEDAEMON']._serialized_end=1078
+  _globals['_PAYLOAD']._serialized_start=78
+  _globals['_PAYLOAD']._serialized_end=144
+  _globals['_DESCRIBEREQUEST']._serialized_start=146
+  _globals['_DESCRIBEREQUEST']._serialized_end=179
+  _globals['_DESCRIBEREPLY']._serialized_start=181
+  _globals['_DESCRIBEREPLY']._serialized_end=215
+  _globals['_TRAINREQUEST']._serialized_start=217
+  _globals['_TRAINREQUEST']._serialized_end=284
+  _globals['_TRAINREPLY']._serialized_start=286
+  _globals['_TRAINREPLY']._serialized_end=357
+  _globals['_EVALUATEREQUEST']._serialized_start=359
+  _globals['_EVALUATEREQUEST']._serialized_end=429
+  _globals['_EVALUATEREPLY']._serialized_start=431
+  _globals['_EVALUATEREPLY']._serialized_end=468
+  _globals['_SITEDAEMON']._serialized_start=471
+  _globals['_SITEDAEMON']._serialized_end=672
 # @@protoc_insertion_point(module_scope)

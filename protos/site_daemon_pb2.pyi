@@ -2,10 +2,18 @@ from fedmoe.protos import lora_delta_pb2 as _lora_delta_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Payload(_message.Message):
+    __slots__ = ("tensors", "config_json")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[_lora_delta_pb2.Tensor]
+    config_json: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_lora_delta_pb2.Tensor, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -14,83 +22,37 @@ class DescribeRequest(_message.Message):
     def __init__(self, run_id: _Optional[int] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("info", "numbers")
-    class InfoEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    class NumbersEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    INFO_FIELD_NUMBER: _ClassVar[int]
-    NUMBERS_FIELD_NUMBER: _ClassVar[int]
-    info: _containers.ScalarMap[str, str]
-    numbers: _containers.ScalarMap[str, float]
-    def __init__(self, info: _Optional[_Mapping[str, str]] = ..., numbers: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    __slots__ = ("info_json",)
+    INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    info_json: str
+    def __init__(self, info_json: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("adapter", "steps", "batch_size", "lr", "seed", "prox_mu", "run_id", "round", "expert")
-    ADAPTER_FIELD_NUMBER: _ClassVar[int]
-    STEPS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LR_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    PROX_MU_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("payload", "run_id")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_FIELD_NUMBER: _ClassVar[int]
-    adapter: _lora_delta_pb2.LoraDelta
-    steps: int
-    batch_size: int
-    lr: float
-    seed: int
-    prox_mu: float
+    payload: Payload
     run_id: int
-    round: int
-    expert: str
-    def __init__(self, adapter: _Optional[_Union[_lora_delta_pb2.LoraDelta, _Mapping]] = ..., steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., prox_mu: _Optional[float] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ..., expert: _Optional[str] = ...) -> None: ...
+    def __init__(self, payload: _Optional[_Union[Payload, _Mapping]] = ..., run_id: _Optional[int] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("adapter", "metrics")
-    class MetricsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    ADAPTER_FIELD_NUMBER: _ClassVar[int]
-    METRICS_FIELD_NUMBER: _ClassVar[int]
-    adapter: _lora_delta_pb2.LoraDelta
-    metrics: _containers.ScalarMap[str, float]
-    def __init__(self, adapter: _Optional[_Union[_lora_delta_pb2.LoraDelta, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    __slots__ = ("payload", "metrics_json")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    payload: Payload
+    metrics_json: str
+    def __init__(self, payload: _Optional[_Union[Payload, _Mapping]] = ..., metrics_json: _Optional[str] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("adapter", "run_id", "round")
-    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("payload", "run_id")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    adapter: _lora_delta_pb2.LoraDelta
+    payload: Payload
     run_id: int
-    round: int
-    def __init__(self, adapter: _Optional[_Union[_lora_delta_pb2.LoraDelta, _Mapping]] = ..., run_id: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    def __init__(self, payload: _Optional[_Union[Payload, _Mapping]] = ..., run_id: _Optional[int] = ...) -> None: ...
 
 class EvaluateReply(_message.Message):
-    __slots__ = ("metrics",)
-    class MetricsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    METRICS_FIELD_NUMBER: _ClassVar[int]
-    metrics: _containers.ScalarMap[str, float]
-    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    __slots__ = ("metrics_json",)
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    metrics_json: str
+    def __init__(self, metrics_json: _Optional[str] = ...) -> None: ...

@@ -62,7 +62,7 @@ class SiteDaemonServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Train(self, request, context):
-        """Set the received adapter, train the given steps on the site's data, return the result.
+        """Set the received adapter, train the configured steps on the site's data, reply.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmoe.client.site_cli import die_with_parent
+from fedmoe.client.site_cli import stop_group as stop_tree
 from fedmoe.shared.errors import FedmoeError
 
 CONNECTION = "fedmoe"
@@ -152,12 +153,9 @@ def tail(path: Path, lines: int = 3) -> str:
 
 
 def stop_group(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """Stop the process group `proc` leads (the SuperLink, its SuperExec and ServerApp)."""
-    if proc is None:
-        return
-    from fedmoe.client.site_cli import stop_group as stop
-
-    stop(proc, grace)
+    """Stop `proc` and its whole tree (the SuperLink, its SuperExec and ServerApp)."""
+    if proc is not None:
+        stop_tree(proc, grace)
 
 
 @dataclass
@@ -209,14 +207,15 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
     status = "unknown"
     try:
         with open(superlink_log, "ab") as f:
-            superlink = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            superlink = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         log(f"SuperLink (pid {superlink.pid}) starting on {host}:{port}; log: {superlink_log}")
         wait_listening(connect_host, port, superlink, 120, superlink_log)
         for key in sec.site_keys:
             flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env, what=f"registering {key}")
         runner = subprocess.Popen(["flwr", "run", str(app), CONNECTION, "--run-config", str(home / "run-config.toml"), "--stream"],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=die_with_parent)
         run_log = out / "coordinator.log"
         found: dict = {}
         reader = threading.Thread(target=_pump, args=(runner, run_log, echo, found), daemon=True)

@@ -84,7 +84,7 @@ def deployment(tmp_path_factory):
         for name in ("site-00", "site-01"):
             sites[name] = Proc(name, ["site", "start", "--insecure", "--superlink", f"127.0.0.1:{port}",
                                       "--data", str(suite / name), "--quant", "none", "--rank", "4", "--model", str(model),
-                                      "--work-dir", str(root / f"work-{name}")], root, env)
+                                      "--work-dir", str(root / f"work-{name}"), "--threads", "1"], root, env)
             procs.append(sites[name])
         victim = sites["site-01"]
         # Mid-round: the victim's daemon has received round 2's TRAIN and is training.

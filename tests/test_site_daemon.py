@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ def served(tiny_model_dir, tmp_path_factory):
     server, address = daemon.serve(settings, f"unix:{sock_dir}/d.sock", root / "audit.jsonl")
     yield {"address": address, "settings": settings, "audit": root / "audit.jsonl"}
     server.stop(0)
+    shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_forwarded_train_round_trips_a_valid_delta(served):
@@ -47,8 +49,23 @@ def test_forwarded_train_round_trips_a_valid_delta(served):
     assert metrics["num-examples"] > 0 and metrics["train-loss"] > 0
     entries = [json.loads(line) for line in served["audit"].read_text().splitlines()]
     train = [e for e in entries if e["message"] == "train"][-1]
-    assert train["round"] == 3 and train["run_id"] == 7 and train["sent"]["sha256"] == delta.checksum()
-    assert train["sent"]["bytes"] == delta.num_bytes()
+    assert train["round"] == 3 and train["run_id"] == 7 and train["sent"]["checksum"] == delta.checksum()
+    assert train["sent"]["bytes"] == delta.num_bytes() and len(train["sent"]["sha256"]) == 64
+
+
+def test_payload_round_trip_keeps_types_and_bytes():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from fedmoe.client.daemon import payload_to_records, records_to_payload
+
+    arrays = ArrayRecord({"q": Array(np.arange(6, dtype=np.int8).reshape(2, 3)), "s": Array(np.ones(2, np.float16))})
+    config = ConfigRecord({"rank": 4, "alpha": 8.0, "relative": True, "keys": ["a", "b"], "shapes": [1, 2], "blob": b"\x00\xff"})
+    back_arrays, back_config = payload_to_records(records_to_payload(arrays, config))
+    assert dict(back_config) == dict(config) and isinstance(back_config["rank"], int)
+    for k in arrays:
+        a, b = arrays[k].numpy(), back_arrays[k].numpy()
+        assert a.dtype == b.dtype and (a == b).all()
 
 
 def test_daemon_errors_come_back_as_one_line(served):
@@ -99,3 +116,35 @@ def test_forwarding_clientapp_does_not_import_torch():
     code = "import sys, fedmoe.client.client_app; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr
+
+
+@pytest.mark.parametrize("privacy", ["none", "dp"])
+def test_forwarding_clientapp_serves_strategy_rounds(served, tiny_model_dir, privacy):
+    """The deployed ClientApp (node config `daemon-address`) answers the strategy's own
+    messages, privacy options included, and the strategy accepts the replies."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmoe.client.client_app import build_client_app
+    from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+    from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        app = build_client_app()
+        ctx = Context(run_id=1, node_id=7, node_config={"daemon-address": served["address"]}, state=RecordDict(), run_config={})
+        info = dict(app(Message(RecordDict(), dst_node_id=7, message_type="query.describe"), ctx).content["config"])
+        s = DomainExpertStrategy(StrategyConfig(local_steps=1, batch_size=4, privacy=privacy, clip=0.5),
+                                 adapter_spec_for(tiny_model_dir), model_fingerprint(tiny_model_dir))
+        s.add_node(Node(7, info["site"], info["domain"], int(info["rank"]), info["fingerprint"], int(info["num-examples"])))
+        (expert, node, msg), = s.configure_train(1)
+        reply = app(msg, ctx)
+        assert not reply.has_error(), reply.error
+        result = s.aggregate_train(1, [(expert, node, msg)], [reply])
+        assert [p["status"] for p in result.participation] == ["ok"], result.participation
+        arrays, meta = s.expert_delta(info["domain"]).to_records()
+        evaluate = app(Message(RecordDict({"arrays": arrays, "config": meta}), dst_node_id=7, message_type="evaluate"), ctx)
+        assert evaluate.content["metrics"]["num-examples"] > 0
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
