@@ -63,3 +63,15 @@ def smoke_run(tmp_path_factory, tiny_model_dir) -> Path:
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Flower stamps every Message with the run it belongs to; outside a run (unit tests
+    of strategies and ClientApp handlers) we provide one, and restore it afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

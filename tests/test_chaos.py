@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.client import chaos
 from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
@@ -21,12 +20,7 @@ SPEC = AdapterSpec({"m.q_proj": (16, 12), "m.v_proj": (16, 8)})
 SPEC_STRING = "nan=0.1,shape=0.05,scale=0.1,dropout=0.2,seed=68"
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def test_parse_and_schedule_are_seeded_and_checked():

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.client import site
 from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
@@ -15,12 +14,7 @@ MODULES = {"l.0.q_proj": (64, 64), "l.0.v_proj": (64, 32)}
 SPEC = AdapterSpec(MODULES)
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def random_delta(rank=8, seed=0, scale=0.1) -> LoraDelta:

@@ -4,7 +4,6 @@ training text or token ids."""
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.client.client_app import build_client_app
 from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
@@ -13,12 +12,7 @@ from fedmoe.shared.delta import A_SUFFIX, B_SUFFIX
 from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def leaves(content: RecordDict):

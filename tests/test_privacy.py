@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.client.privacy import b_update_norm, clip_b_update
 from fedmoe.server.aggregation import dense_update
@@ -18,12 +17,7 @@ MODULES = {"m.q_proj": (16, 12), "m.v_proj": (16, 8)}
 SPEC = AdapterSpec(MODULES)
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def test_epsilon_matches_opacus_rdp_computation():

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.server import robust
 from fedmoe.server.aggregation import dense_update, exact_lora_aggregate
@@ -17,12 +16,7 @@ MODULES = {"m.q_proj": (16, 12), "m.v_proj": (16, 8)}
 SPEC = AdapterSpec(MODULES)
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def rand_delta(seed: int, rank: int = 4, scale: float = 1.0) -> LoraDelta:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.server.aggregation import dense_update, exact_lora_aggregate
 from fedmoe.server.strategy import SINGLE_EXPERT, DomainExpertStrategy, Node, StrategyConfig
@@ -13,13 +12,7 @@ MODULES = {"m.q_proj": (16, 12), "m.v_proj": (16, 8)}
 SPEC = AdapterSpec(MODULES)
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    # Flower stamps messages with the run they belong to; outside a run we provide one.
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def make_strategy(**kw) -> DomainExpertStrategy:
