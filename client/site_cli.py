@@ -208,7 +208,7 @@ def cmd_site_start(args) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if supernode is not None:
-            stop_group(supernode)
+            stop_group(supernode, grace=5)
         if server is not None:
             server.stop(grace=2).wait(5)
         if socket_dir:
