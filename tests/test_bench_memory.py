@@ -30,6 +30,8 @@ def test_json_fields(result):
         for key in ("peak_rss_mb", "baseline_rss_mb", "weight_bytes", "tokens_per_second", "tokens", "train_seconds"):
             assert isinstance(m[key], (int, float)) and m[key] > 0, (quant, key, m[key])
         assert m["peak_rss_mb"] >= m["baseline_rss_mb"]
+        assert m["peak_rss_mb"] >= m["load_peak_rss_mb"] > 0
+        assert m["train_peak_rss_mb"] is None or 0 < m["train_peak_rss_mb"] <= m["peak_rss_mb"]
         assert m["tokens"] == 2 * 2 * 16  # steps x batch x seq-len, every sequence filled
         assert m["trainable_parameters"] > 0
     assert r["modes"]["nf4"]["trainable_parameters"] == r["modes"]["none"]["trainable_parameters"]

@@ -111,6 +111,15 @@ def rss_mb() -> tuple[float, float]:
         return peak, peak
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def child(model_dir: str, quant: str, steps: int, warmup: int, seq_len: int, batch_size: int, rank: int, device: str) -> dict:
     """One mode, run in its own process: load, attach LoRA, train; report peak memory."""
     import time
@@ -133,6 +142,11 @@ def child(model_dir: str, quant: str, steps: int, warmup: int, seq_len: int, bat
     weight_bytes = int(base.get_memory_footprint())
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     records = training_records(trainer.tokenizer, batch_size * (steps + warmup), seq_len)
+    import gc
+
+    gc.collect()
+    _, load_peak_mb = rss_mb()
+    train_peak_separate = reset_peak_rss()
     if warmup:
         trainer.train(records, TrainConfig(steps=warmup, batch_size=batch_size, max_length=seq_len, seed=1))
     if cuda:
@@ -140,13 +154,17 @@ def child(model_dir: str, quant: str, steps: int, warmup: int, seq_len: int, bat
     _, result = trainer.train(records, TrainConfig(steps=steps, batch_size=batch_size, max_length=seq_len, seed=0))
     if cuda:
         torch.cuda.synchronize()
-    _, peak_mb = rss_mb()
+    _, train_peak_mb = rss_mb()
+    peak_mb = max(train_peak_mb, load_peak_mb)
     return {
         "quant": quant,
         "device": str(next(trainer.model.parameters()).device),
         "peak_rss_mb": peak_mb,
         "baseline_rss_mb": baseline_mb,
         "peak_rss_above_baseline_mb": peak_mb - baseline_mb,
+        # The load peak (reading + quantizing weights) and the training peak, apart.
+        "load_peak_rss_mb": load_peak_mb,
+        "train_peak_rss_mb": train_peak_mb if train_peak_separate else None,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "weight_bytes": weight_bytes,
         "trainable_parameters": trainable,
@@ -197,6 +215,8 @@ def run(args) -> dict:
         "ratios": {
             "peak_rss_nf4_over_none": ratio(nf4["peak_rss_mb"], none["peak_rss_mb"]),
             "peak_rss_above_baseline_nf4_over_none": ratio(nf4["peak_rss_above_baseline_mb"], none["peak_rss_above_baseline_mb"]),
+            "load_peak_rss_nf4_over_none": ratio(nf4["load_peak_rss_mb"], none["load_peak_rss_mb"]),
+            "train_peak_rss_nf4_over_none": ratio(nf4["train_peak_rss_mb"], none["train_peak_rss_mb"]),
             "cuda_peak_nf4_over_none": ratio(nf4["cuda_peak_mb"], none["cuda_peak_mb"]),
             "weight_bytes_nf4_over_none": ratio(nf4["weight_bytes"], none["weight_bytes"]),
             "tokens_per_second_nf4_over_none": ratio(nf4["tokens_per_second"], none["tokens_per_second"]),
@@ -209,11 +229,14 @@ def summary(result: dict) -> str:
     rows = [
         ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
         ("peak RSS above imports (MB)", "peak_rss_above_baseline_mb", "{:.0f}"),
+        ("  while loading (MB)", "load_peak_rss_mb", "{:.0f}"),
+        ("  while training (MB)", "train_peak_rss_mb", "{:.0f}"),
         ("CUDA peak allocated (MB)", "cuda_peak_mb", "{:.0f}"),
         ("model weights (MB)", "weight_bytes", "{:.1f}"),
         ("training tokens/s", "tokens_per_second", "{:.1f}"),
     ]
     ratios = {"peak_rss_mb": "peak_rss_nf4_over_none", "peak_rss_above_baseline_mb": "peak_rss_above_baseline_nf4_over_none",
+              "load_peak_rss_mb": "load_peak_rss_nf4_over_none", "train_peak_rss_mb": "train_peak_rss_nf4_over_none",
               "cuda_peak_mb": "cuda_peak_nf4_over_none", "weight_bytes": "weight_bytes_nf4_over_none",
               "tokens_per_second": "tokens_per_second_nf4_over_none"}
     s = result["settings"]
