@@ -268,7 +268,8 @@ def plot(result: dict, png_path) -> None:
     for ax, (title, get) in zip(axes, panels):
         vals = [get(result["modes"][q]) for q in MODES]
         bars = ax.bar(MODES, vals, color=["#888888", "#2a7ab9"])
-        ax.bar_label(bars, fmt="%.0f")
+        ax.bar_label(bars, fmt="%.3g")
+        ax.margins(y=0.15)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"LoRA training, {result['model']['parameters'] / 1e6:.0f}M-parameter model: nf4 vs none", fontsize=11)
     fig.tight_layout()
