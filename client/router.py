@@ -6,7 +6,10 @@ expert's log-likelihood of each record's completion (peft `adapter_names`, one p
 per expert). The local objective is the mixture-of-experts likelihood
     -log sum_e softmax(router(x))_e p_e(y | x),
 so the router learns to send a prompt to the expert that answers it best, with no
-domain label needed. Only the router's weights travel, in both directions.
+domain label needed. Local steps are plain SGD, so the mean of the sites' updates is a
+gradient step on the union of their data (a site with one domain would otherwise, under
+Adam's sign-like steps, cancel out against the others); the coordinator adds Adam on
+top (FedAdam). Only the router's weights travel, in both directions.
 """
 
 from __future__ import annotations
@@ -72,13 +75,13 @@ def moe_nll(logits: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
     return -(torch.log_softmax(logits, dim=-1) + loglik).logsumexp(dim=-1).mean()
 
 
-def local_router_update(state: dict[str, torch.Tensor], data: RouterSiteData, steps: int = 20, lr: float = 0.05,
+def local_router_update(state: dict[str, torch.Tensor], data: RouterSiteData, steps: int = 10, lr: float = 0.01,
                         batch_size: int = 64, seed: int = 0) -> tuple[dict[str, torch.Tensor], int, dict]:
-    """`steps` Adam steps on the MoE likelihood from the received router weights;
+    """`steps` SGD steps on the MoE likelihood from the received router weights;
     returns (new weights, examples, metrics)."""
     router = LinearRouter(data.features.shape[1], data.loglik.shape[1])
     router.load_state_dict(state)
-    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    opt = torch.optim.SGD(router.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -87,7 +90,7 @@ def local_router_update(state: dict[str, torch.Tensor], data: RouterSiteData, st
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         agree = (router(data.features).argmax(1) == data.loglik.argmax(1)).float().mean().item()
     new = {k: v.detach().clone() for k, v in router.state_dict().items()}

@@ -76,7 +76,7 @@ def measure_latency(served: ServedModel, gate: str, prompts: list[str], max_new_
 
 def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tuple(GATES),
                 clip_norm: float = DEFAULT_CLIP_NORM, noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER,
-                router_rounds: int = 10, router_local_steps: int = 10, router_lr: float = 0.05,
+                router_rounds: int = 20, router_local_steps: int = 10, router_lr: float = 0.01,
                 prototype_temperature: float = 0.05, progress=None) -> dict:
     """Build the requested gates on `served` (in-process sites); returns build info per gate."""
     say = progress or (lambda text: None)
