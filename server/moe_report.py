@@ -77,7 +77,7 @@ def measure_latency(served: ServedModel, gate: str, prompts: list[str], max_new_
 def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tuple(GATES),
                 clip_norm: float = DEFAULT_CLIP_NORM, noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER,
                 router_rounds: int = 20, router_local_steps: int = 10, router_lr: float = 0.01,
-                prototype_temperature: float = 0.05, progress=None) -> dict:
+                prototype_temperature: float = 0.05, router_max_records: int | None = None, progress=None) -> dict:
     """Build the requested gates on `served` (in-process sites); returns build info per gate."""
     say = progress or (lambda text: None)
     info: dict[str, dict] = {}
@@ -99,7 +99,8 @@ def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tup
                              "bytes_per_site": int(messages[0][1].prototype.numel() * 4) if messages else 0}
     if "learned" in gates:
         say("learned gate: sites score their records under the frozen experts")
-        datas = [prepare_router_data(served.model, served.tokenizer, served.featurizer, s.train, served.experts) for s in sites]
+        datas = [prepare_router_data(served.model, served.tokenizer, served.featurizer, s.train[:router_max_records], served.experts)
+                 for s in sites]
         steps = [lambda state, d=d, i=i: local_router_update(state, d, router_local_steps, router_lr, seed=seed * 1000 + i)
                  for i, d in enumerate(datas)]
         state, history = federated_router_rounds(served.featurizer.cfg.dim, len(served.experts), steps, router_rounds,

@@ -5,8 +5,9 @@ A gate maps prompts to a distribution over the experts; the served model keeps i
 top-k and runs:
 
 - top-1 through peft's mixed-batch inference (`adapter_names`): one forward serves a
-  batch whose sequences go to different experts, with no weight merging and no state
-  shared between requests;
+  batch whose sequences go to different experts, with no weight merging (a generation
+  batch that routes to one expert only runs that adapter as the active one, which
+  skips the per-layer sub-batch indexing: same output, less overhead);
 - top-k > 1 by mixing the selected experts' LoRA outputs per sequence,
   y = W x + sum_e w_e s_e B_e A_e x, with forward hooks on the LoRA layers while
   peft's own adapters are switched off.
@@ -177,7 +178,12 @@ class ServedModel:
                 with self._single_adapter(adapter):
                     out = self.model.generate(**kwargs)
             elif top_k == 1:
-                out = self.model.generate(**kwargs, adapter_names=self.adapter_names(weights))
+                names = self.adapter_names(weights)
+                if len(set(names)) == 1:  # one expert for the whole batch: a plain single-LoRA forward
+                    with self._single_adapter(names[0]):
+                        out = self.model.generate(**kwargs)
+                else:  # several experts in one batch: peft's mixed-batch inference
+                    out = self.model.generate(**kwargs, adapter_names=names)
             else:
                 with self.mixing(weights):
                     out = self.model.generate(**kwargs)

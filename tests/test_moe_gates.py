@@ -1,0 +1,166 @@
+"""The MoE layer as a library: gates, the served model's routing paths, static merges,
+and what a site sends for the prototype gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+from fedmoe.shared.errors import FedmoeError
+
+
+@pytest.fixture(scope="module")
+def sites(suite_dir):
+    from fedmoe.shared.data import find_sites, load_site
+
+    return [load_site(p) for p in find_sites(suite_dir)]
+
+
+@pytest.fixture(scope="module")
+def mixed(suite_dir):
+    from fedmoe.shared.data import load_mixed_eval
+
+    return load_mixed_eval(suite_dir)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, domain_adapters, sites):
+    from fedmoe.server.moe_report import build_gates
+    from fedmoe.server.served_model import ServedModel
+
+    served = ServedModel(tiny_model_dir, domain_adapters, "cpu")
+    served.build_info = build_gates(served, sites, seed=0, router_max_records=32)
+    return served
+
+
+def test_site_prototype_message_has_no_text_and_no_token_ids(tiny_model_dir, sites):
+    """What a site sends for the prototype gate, computed on its own NF4 model: one
+    float vector and a few numbers, noised; nothing that is text or token ids."""
+    from fedmoe.client.prototype import PrototypeMessage, site_prototype
+    from fedmoe.shared.features import FeatureConfig, PromptFeaturizer
+    from fedmoe.shared.modeling import load_base_model, load_tokenizer
+
+    site = sites[0]
+    model = load_base_model(tiny_model_dir, "nf4", "cpu")
+    featurizer = PromptFeaturizer(model, load_tokenizer(tiny_model_dir), FeatureConfig())
+    msg = site_prototype(featurizer, site.train, seed=1)
+
+    sent = {f.name: getattr(msg, f.name) for f in dataclasses.fields(PrototypeMessage)}
+    for name, value in sent.items():
+        assert not isinstance(value, (str, bytes, list, tuple, dict)), f"{name} is {type(value).__name__}"
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == torch.float32 and value.dim() == 1 and value.numel() == featurizer.cfg.dim
+            assert not torch.equal(value, value.round()), "an integer-valued vector could carry token ids"
+        else:
+            assert isinstance(value, (int, float))
+    assert sent["count"] == len(site.train)
+    # The Flower form carries exactly the same: one float array, numbers only.
+    arrays, metrics = msg.to_records()
+    assert list(arrays.keys()) == ["prototype"]
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    back = PrototypeMessage.from_records(arrays, metrics)
+    assert torch.equal(back.prototype, msg.prototype) and back.count == msg.count
+    # Noised: two releases of the same data differ; and the guarantee is stated.
+    again = site_prototype(featurizer, site.train, seed=2)
+    assert not torch.allclose(again.prototype, msg.prototype)
+    assert 0 < msg.epsilon(1e-5) < 100
+
+
+def test_arrow_gate_uses_no_data(served):
+    from fedmoe.server.gates import GATES
+    from fedmoe.server.gates.arrow import ROUTER, ArrowGate
+
+    params = set(inspect.signature(ArrowGate.__init__).parameters) - {"self"}
+    assert params == {"served", "top_k", "temperature", "blocks", "seed"}
+    assert GATES["arrow"] is ArrowGate and ArrowGate.needs_data is False
+    assert served.build_info["arrow"] == {"data_used": 0}
+    # peft's Arrow router sits on the model, over exactly the experts.
+    assert ROUTER in served.model.peft_config
+    assert served.model.peft_config[ROUTER].arrow_config.task_adapter_names == served.experts
+    w = served.route(["The judge in the court read the deed. Answer:", "A nurse in the ward. Answer:"], "arrow")
+    assert w.shape == (2, len(served.experts))
+    assert torch.allclose(w.sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_data_driven_gates_route_mixed_prompts_to_their_domain(served, mixed):
+    from fedmoe.server.moe_report import routing_accuracy
+    from fedmoe.shared.training import evaluate
+
+    oracle = evaluate(served.lm, served.tokenizer, mixed,
+                      forward_kwargs_fn=lambda recs: {"adapter_names": [r.domain for r in recs]})
+    for gate in ("prototype", "learned"):
+        acc, per_domain = routing_accuracy(served, gate, mixed)
+        assert acc >= 0.9, (gate, acc, per_domain)
+        result = evaluate(served.lm, served.tokenizer, mixed, forward_kwargs_fn=served.forward_kwargs_fn(gate))
+        assert result.accuracy >= 0.9 * oracle.accuracy, (gate, result.accuracy, oracle.accuracy)
+    history = served.build_info["learned"]["history"]
+    assert history[-1]["router_loss"] < history[0]["router_loss"]
+
+
+def test_topk_mixing_matches_adapter_names_for_one_hot_weights(served, mixed):
+    """The top-k path (hooks mixing the experts' LoRA outputs) and peft's mixed batch
+    agree when each sequence's weight is all on one expert."""
+    from fedmoe.shared.training import collate, encode_record
+
+    records = mixed[:12]
+    batch = collate([encode_record(served.tokenizer, r, 128) for r in records], served.tokenizer.pad_token_id, served.device)
+    names = [served.experts[i % len(served.experts)] for i in range(len(records))]
+    one_hot = torch.zeros(len(records), len(served.experts))
+    for i, n in enumerate(names):
+        one_hot[i, served.experts.index(n)] = 1.0
+    with torch.no_grad():
+        a = served.lm(batch["input_ids"], batch["attention_mask"], adapter_names=names).logits
+        b = served.lm(batch["input_ids"], batch["attention_mask"], expert_weights=one_hot).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    # A real top-2 mix runs and generates.
+    out = served.generate([records[0].prompt], 4, gate="prototype", top_k=2)
+    text, weights = out[0]
+    assert isinstance(text, str) and int((weights > 0).sum()) <= 2
+    assert abs(float(weights.sum()) - 1) < 1e-5
+
+
+def test_gated_generation_answers_like_the_routed_expert(served, mixed):
+    r = mixed[0]
+    (text, weights), = served.generate([r.prompt], 6, gate="prototype")
+    chosen = served.experts[int(weights.argmax())]
+    (single, _), = served.generate([r.prompt], 6, adapter=chosen)
+    assert text == single
+
+
+def test_static_merges_are_peft_weighted_adapters(served, mixed):
+    from fedmoe.server.static_merge import STATIC_MERGES, add_static_merge
+    from fedmoe.shared.training import evaluate
+
+    assert set(STATIC_MERGES) == {"linear", "ties", "dare_ties", "svd"}
+    for method in STATIC_MERGES:
+        name = add_static_merge(served.model, served.experts, method)
+        try:
+            assert name in served.model.peft_config
+            result = evaluate(served.lm, served.tokenizer, mixed[:16], forward_kwargs_fn=served.expert_kwargs_fn(name))
+            assert 0.0 <= result.accuracy <= 1.0
+        finally:
+            served.model.delete_adapter(name)
+    with pytest.raises(FedmoeError, match="unknown static merge"):
+        add_static_merge(served.model, served.experts, "average")
+
+
+def test_gate_state_round_trips_and_bad_requests_are_clear(served, mixed, tmp_path):
+    from fedmoe.server.gates import available_gates, load_gate, save_gate
+
+    for name in ("prototype", "learned"):
+        save_gate(served.gates[name], tmp_path)
+        again = load_gate(served, name, tmp_path)
+        prompts = [r.prompt for r in mixed[:8]]
+        assert torch.allclose(again.route(prompts), served.gates[name].route(prompts), atol=1e-6)
+    assert set(available_gates(tmp_path)) == {"arrow", "prototype", "learned"}
+    with pytest.raises(FedmoeError, match="unknown gate 'oracle'"):
+        served.route(["x"], "oracle")
+    with pytest.raises(FedmoeError, match="empty prompt"):
+        served.generate(["  "], 4, gate="prototype")
+    with pytest.raises(FedmoeError, match="too many tokens"):
+        served.generate(["A nurse asked. Answer:"], 10_000, gate="prototype")
+    with pytest.raises(FedmoeError, match="no saved state"):
+        load_gate(served, "learned", tmp_path / "nowhere")

@@ -1,0 +1,156 @@
+"""`fedmoe serve` on a run folder, reached through the generated gRPC stub: routed
+answers, batching of concurrent requests, status codes for bad requests, health and
+reflection; and `fedmoe ask` as its client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent import futures
+
+import grpc
+import pytest
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, domain_adapters, suite_dir, tmp_path_factory):
+    """A finished run as `fedmoe simulate` leaves it: run.json, experts/, gates/."""
+    from fedmoe.server.gates import save_gate
+    from fedmoe.server.moe_report import build_gates
+    from fedmoe.server.served_model import ServedModel
+    from fedmoe.shared.data import find_sites, load_site
+    from fedmoe.shared.modeling import model_fingerprint
+    from fedmoe.shared.runs import write_run_info
+
+    run = tmp_path_factory.mktemp("served-run")
+    write_run_info(run, model=str(tiny_model_dir), base_fingerprint=model_fingerprint(tiny_model_dir),
+                   domains=sorted(domain_adapters))
+    for domain, path in domain_adapters.items():
+        shutil.copytree(path, run / "experts" / domain)
+    served = ServedModel(tiny_model_dir, {d: run / "experts" / d for d in sorted(domain_adapters)}, "cpu")
+    sites = [load_site(p) for p in find_sites(suite_dir)]
+    build_gates(served, sites, seed=0, gates=("prototype",))
+    save_gate(served.gates["prototype"], run / "gates")
+    (run / "gates" / "features.json").write_text(json.dumps(served.featurizer.cfg.as_dict()))
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", "serve", "--run", str(run_dir),
+                             "--host", "127.0.0.1", "--grpc-port", "0", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    lines = []
+    for line in proc.stdout:  # the JSON object ends with a lone "}"
+        lines.append(line)
+        if line.rstrip() == "}":
+            break
+    if not lines or lines[-1].rstrip() != "}":
+        proc.kill()
+        pytest.fail("fedmoe serve did not start: " + proc.stderr.read()[-2000:])
+    info = json.loads("".join(lines))
+    yield info
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    from fedmoe.protos import inference_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(server["address"])
+    grpc.channel_ready_future(channel).result(timeout=30)
+    yield pb_grpc.InferenceServiceStub(channel)
+    channel.close()
+
+
+def test_serve_gives_a_routed_answer_through_the_stub(server, stub, suite_dir):
+    from fedmoe.protos import inference_pb2 as pb
+    from fedmoe.shared.data import load_mixed_eval
+
+    assert server["address"].startswith("127.0.0.1:") and server["port"] > 0
+    assert set(server["gates"]) == {"arrow", "prototype"} and server["default_gate"] == "prototype"
+    records = load_mixed_eval(suite_dir)[:6]
+    for r in records:
+        route = stub.Route(pb.RouteRequest(prompt=r.prompt), timeout=60)
+        assert route.gate == "prototype"
+        assert [e.expert for e in route.experts][0] == r.domain  # routed to its own domain
+        assert abs(sum(e.weight for e in route.experts) - 1) < 1e-4
+    reply = stub.Generate(pb.GenerateRequest(prompt=records[0].prompt, max_new_tokens=6), timeout=60)
+    assert reply.gate == "prototype" and len(reply.experts) == 1 and reply.experts[0].expert == records[0].domain
+    assert isinstance(reply.text, str)
+    arrow = stub.Generate(pb.GenerateRequest(prompt=records[0].prompt, max_new_tokens=3, gate="arrow", top_k=2), timeout=60)
+    assert arrow.gate == "arrow" and 1 <= len(arrow.experts) <= 2
+
+
+def test_concurrent_requests_are_batched_and_all_answered(stub, suite_dir):
+    from fedmoe.protos import inference_pb2 as pb
+    from fedmoe.shared.data import load_mixed_eval
+
+    records = load_mixed_eval(suite_dir)[:12]
+    calls = [stub.Generate.future(pb.GenerateRequest(prompt=r.prompt, max_new_tokens=2 + i % 3), timeout=120)
+             for i, r in enumerate(records)]
+    replies = [c.result() for c in calls]
+    assert [r.experts[0].expert for r in replies] == [r.domain for r in records]
+
+
+@pytest.mark.parametrize("request_kwargs, code, words", [
+    ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
+    ({"prompt": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
+    ({"prompt": "A nurse asked. Answer:", "gate": "oracle"}, grpc.StatusCode.NOT_FOUND, "unknown gate 'oracle'"),
+    ({"prompt": "A nurse asked. Answer:", "max_new_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"prompt": "A nurse asked. Answer:", "max_new_tokens": 500}, grpc.StatusCode.INVALID_ARGUMENT, "too many tokens"),
+    ({"prompt": "A nurse asked. Answer:", "top_k": 9}, grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+])
+def test_bad_requests_get_status_codes(stub, request_kwargs, code, words):
+    from fedmoe.protos import inference_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(**request_kwargs), timeout=30)
+    assert info.value.code() == code
+    assert words in info.value.details()
+
+
+def test_health_and_reflection(server, stub):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server["address"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "fedmoe.v1.InferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert "fedmoe.v1.InferenceService" in names and "grpc.health.v1.Health" in names
+
+
+def test_fedmoe_ask_is_the_client(server, stub, capsys):
+    from fedmoe.shared.cli import main
+
+    prompt = "The judge in the appeals court read the deed. What is the escrow? Answer:"
+    assert main(["ask", "--addr", server["address"], "--json", "--max-new-tokens", "4", prompt]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gate"] == "prototype" and set(out["experts"]) <= {"finance", "law", "medicine", "telecom"}
+    assert "text" in out
+    assert main(["ask", "--addr", server["address"], "--route", "--json", prompt]) == 0
+    route = json.loads(capsys.readouterr().out)
+    assert max(route["experts"], key=route["experts"].get) == "law"
+    assert main(["ask", "--addr", server["address"], "--gate", "nope", prompt]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from fedmoe.shared.cli import main
+
+    assert main(["serve", "--run", str(tmp_path), "--grpc-port", "0"]) == 2
+    assert "not a fedmoe run folder" in capsys.readouterr().err
