@@ -27,6 +27,7 @@ def register(sub) -> None:
     s.add_argument("--resume", metavar="OUT", help="continue a killed run in OUT from its last committed round")
     s.add_argument("--ray-address", help="run on an existing Ray cluster at this address")
     s.add_argument("--no-baselines", action="store_true", help="skip local_only, fedavg_single and centralized")
+    s.add_argument("--no-moe", action="store_true", help="skip the MoE gates and static merges (moe_*, static_*)")
     s.add_argument("--robust", default="none", choices=["none", "norm", "trimmed-mean", "median"],
                    help="robust aggregation: norm = outlier rejection + norm bounding (exact); trimmed-mean/median "
                         "= coordinate-wise on factors (default none)")
@@ -70,7 +71,7 @@ def cmd_simulate(args) -> int:
         raise FedmoeError("simulate needs --out DIR (or --resume DIR)")
     else:
         report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
-                          baselines=not args.no_baselines, compression=args.compression, robust=args.robust,
+                          baselines=not args.no_baselines, moe=not args.no_moe, compression=args.compression, robust=args.robust,
                           chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier, clip=args.clip,
                           epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia)
     if args.json:

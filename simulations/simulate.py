@@ -84,7 +84,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True,
              compression: str = "none", resume: bool = False, robust: str = "none", chaos: str | None = None,
              privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
-             dp_delta: float = 1e-5, mia: bool = True) -> dict:
+             dp_delta: float = 1e-5, mia: bool = True, moe: bool = True) -> dict:
     from fedmoe.client.trainer import SiteTrainer
     from fedmoe.server.server_app import FederationPlan
     from fedmoe.server.strategy import StrategyConfig
@@ -108,7 +108,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "simulate.json").write_text(json.dumps(
             {"preset_name": preset_name, "data_dir": data_dir, "rounds": rounds, "aggregation": aggregation,
-             "ray_address": ray_address, "baselines": baselines, "compression": compression, "robust": robust,
+             "ray_address": ray_address, "baselines": baselines, "moe": moe, "compression": compression, "robust": robust,
              "chaos": chaos, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
              "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia}, indent=2))
     model_dir = ensure_default_model()
@@ -151,6 +151,13 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     experts = {d: out_dir / "experts" / d for d in results["experts"]}
     if experts:
         add("experts_oracle", score_adapters(model_dir, experts, mixed, route=lambda d: d))
+    if moe and len(experts) > 1:
+        from fedmoe.server.moe_report import moe_methods
+
+        for name, entry in moe_methods(model_dir, experts, mixed, sites, seed=preset.seed, gate_dir=out_dir / "gates",
+                                       progress=log).items():
+            methods[name] = entry
+            log(f"scored {name}: mixed {entry['mixed']:.3f}")
     if baselines:
         add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed, route=lambda d: "all"))
         trainer = SiteTrainer(model_dir, preset.quant, 8)
