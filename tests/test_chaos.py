@@ -73,7 +73,7 @@ def test_chaos_smoke_run_rejects_every_fault_and_keeps_accuracy(tmp_path, smoke_
     out = tmp_path / "chaos"
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--rounds", "2",
-                           "--no-baselines", "--no-mia", "--robust", "norm", "--chaos", SPEC_STRING, "--out", str(out), "--json"],
+                           "--no-baselines", "--no-mia", "--no-moe", "--robust", "norm", "--chaos", SPEC_STRING, "--out", str(out), "--json"],
                           capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)

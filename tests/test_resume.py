@@ -63,7 +63,7 @@ def committed_rounds(run_dir) -> int:
 
 def test_sigkilled_simulation_resumes_to_the_same_report(smoke_run, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--no-moe", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     try:
