@@ -8,11 +8,4 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13
   $PY -m pip install -q torch==2.13.0
 fi
 $PY -m pip install -q -e ".[test]"
-# The dashboard's browser test drives Debian's chromium + chromedriver (no browser
-# download is possible here); installed only when missing and apt is usable.
-if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null \
-    && [ "$(id -u)" = 0 ]; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
-    || echo "setup: could not install chromium; the dashboard browser test will be skipped" >&2
-fi
 fedmoe model pretrain --preset tiny
