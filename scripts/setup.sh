@@ -8,4 +8,4 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13
   $PY -m pip install -q torch==2.13.0
 fi
 $PY -m pip install -q -e ".[test]"
-fedmoe model pretrain --preset tiny
+$PY -m fedmoe.shared.cli model pretrain --preset tiny
