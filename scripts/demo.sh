@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m fedmoe.shared.cli simulate --preset default --out runs/default "$@"
+exec python3 -m fedmoe.shared.cli simulate --preset default --out "runs/default-$(date +%Y%m%d-%H%M%S)" "$@"
