@@ -155,7 +155,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         from fedmoe.server.moe_report import moe_methods
 
         for name, entry in moe_methods(model_dir, experts, mixed, sites, seed=preset.seed, gate_dir=out_dir / "gates",
-                                       router_max_records=64,
+                                       router_max_records=64, router_rounds=preset.router_rounds,
+                                       latency_requests=preset.latency_requests,
                                        progress=log).items():
             methods[name] = entry
             log(f"scored {name}: mixed {entry['mixed']:.3f}")
