@@ -113,11 +113,14 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         for r in result.rejections:
             progress(f"round {rnd}: rejected update from node {r['node_id']} ({r['expert']}): {r['reason']}")
         history.append({"round": rnd, "seconds": time.perf_counter() - started, "metrics": result.metrics})
+    top_rank = max(n.rank for n in strategy.nodes.values())
     for expert in strategy.experts:
         target = out / ("baselines/fedavg_single" if expert == SINGLE_EXPERT else f"experts/{expert}")
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        save_expert(strategy.expert_delta(expert), partial, plan.model_dir, domain=expert,
+        # Every expert at the federation's largest rank (extra components have B = 0, so
+        # each ΔW is unchanged): peft's static merges need equal ranks across experts.
+        save_expert(strategy.expert_for_rank(expert, top_rank), partial, plan.model_dir, domain=expert,
                     aggregation=plan.strategy.aggregation, rounds=plan.rounds)
         shutil.rmtree(target, ignore_errors=True)
         partial.replace(target)
