@@ -59,10 +59,8 @@ def cmd_make_suite(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from fedmoe.simulations.simulate import report_table, simulate
-
     from fedmoe.shared.errors import FedmoeError
-    from fedmoe.simulations.simulate import resume_args
+    from fedmoe.simulations.simulate import report_table, resume_args, simulate
 
     if args.resume:
         report = simulate(out=args.resume, resume=True, **resume_args(args.resume))

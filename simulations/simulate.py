@@ -87,6 +87,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              dp_delta: float = 1e-5, mia: bool = True, moe: bool = True) -> dict:
     from fedmoe.client.trainer import SiteTrainer
     from fedmoe.server.server_app import FederationPlan
+    from fedmoe.simulations.baselines import centralized, local_only
     from fedmoe.server.strategy import StrategyConfig
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
     from fedmoe.shared.pretrain import ensure_default_model
@@ -164,8 +165,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed, route=lambda d: "all"))
         trainer = SiteTrainer(model_dir, preset.quant, 8)
         cfg = TrainConfig(steps=preset.local_steps * rounds, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed)
-        add("local_only", local_only_scores(trainer, sites, mixed, cfg))
-        add("centralized", centralized_scores(trainer, sites, mixed, cfg))
+        add("local_only", local_only(trainer, sites, mixed, cfg))
+        add("centralized", centralized(trainer, sites, mixed, cfg))
     report = {
         "preset": preset_name, "seed": preset.seed, "aggregation": aggregation, "rounds": rounds, "quant": preset.quant,
         "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
@@ -192,18 +193,6 @@ def wire_bytes(out_dir: Path) -> dict:
     site_rounds = len({(p["round"], p["node_id"]) for p in rows}) or 1
     up, down = sum(p["bytes_in"] or 0 for p in rows), sum(p["bytes_out"] or 0 for p in rows)
     return {"bytes_per_site_round": {"up": up / site_rounds, "down": down / site_rounds, "total": (up + down) / site_rounds}}
-
-
-def local_only_scores(trainer, sites, mixed, cfg):
-    from fedmoe.simulations.baselines import local_only
-
-    return local_only(trainer, sites, mixed, cfg)
-
-
-def centralized_scores(trainer, sites, mixed, cfg):
-    from fedmoe.simulations.baselines import centralized
-
-    return centralized(trainer, sites, mixed, cfg)
 
 
 def report_table(report: dict) -> str:
