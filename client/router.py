@@ -21,7 +21,7 @@ import torch
 
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.features import PromptFeaturizer, record_prompt
-from fedmoe.shared.training import collate, encode_record, score_batch
+from fedmoe.shared.training import collate, encode_record, pads_left, score_batch
 
 
 class LinearRouter(torch.nn.Module):
@@ -61,7 +61,8 @@ def prepare_router_data(model, tokenizer, featurizer: PromptFeaturizer, records,
     rows = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        batch = collate([encode_record(tokenizer, r, max_length) for r in chunk], tokenizer.pad_token_id, device)
+        batch = collate([encode_record(tokenizer, r, max_length) for r in chunk], tokenizer.pad_token_id, device,
+                        left=pads_left(model))
         ntok = (batch["labels"][:, 1:] != -100).sum(1).float().cpu()
         cols = []
         for e in experts:

@@ -128,13 +128,13 @@ def frozen_a_aggregate(current: dict[str, LowRank] | None, a0: LoraDelta, update
 
 def record_losses(model, tokenizer, records, batch_size: int = 64, max_length: int = 128) -> list[float]:
     """Per-record completion loss (the membership-inference attack's score)."""
-    from fedmoe.shared.training import collate, encode_record, model_device, score_batch
+    from fedmoe.shared.training import collate, encode_record, model_device, pads_left, score_batch
 
     model.eval()
     out: list[float] = []
     for i in range(0, len(records), batch_size):
         batch = collate([encode_record(tokenizer, r, max_length) for r in records[i:i + batch_size]],
-                        tokenizer.pad_token_id, model_device(model))
+                        tokenizer.pad_token_id, model_device(model), left=pads_left(model))
         out += score_batch(model, batch)[1].tolist()
     return out
 

@@ -1,13 +1,27 @@
-"""Baselines trained in-process for the report: each site alone, and pooled data."""
+"""Baselines for the report: each site alone (`local_only`) and pooled data per domain
+(`centralized`).
+
+They need nothing from the federation, so `fedmoe simulate` trains them in a worker
+process of their own (`start_baselines`) while the federation runs: on a small machine
+the Ray actors leave cores idle between rounds and while the coordinator aggregates,
+scores and builds the gates, and the baselines fill them. Every job is seeded, so the
+numbers do not depend on how the two overlap.
+"""
 
 from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
 
 from fedmoe.client.trainer import SiteTrainer
 from fedmoe.shared.data import Record, Site
 from fedmoe.shared.training import TrainConfig
 
 
-def local_only(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig) -> dict[str, float]:
+def local_only(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None) -> dict[str, float]:
     """Each site trains alone with the federation's total local steps; each domain's
     accuracy is the mean over its sites' adapters on that domain's mixed records."""
     per_domain: dict[str, list[float]] = {}
@@ -16,10 +30,13 @@ def local_only(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg
         trainer.train(site.train, TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + i}))
         records = [r for r in mixed if r.domain == site.domain]
         per_domain.setdefault(site.domain, []).append(trainer.evaluate(records).accuracy)
+        if progress:
+            progress(f"baseline local_only: {Path(site.path).name} ({site.domain}) {per_domain[site.domain][-1]:.3f} "
+                     f"[{i + 1}/{len(sites)}]")
     return {d: sum(v) / len(v) for d, v in per_domain.items()}
 
 
-def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig) -> dict[str, float]:
+def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None) -> dict[str, float]:
     """Upper bound: per domain, one adapter on the domain's pooled data (no federation),
     trained with as many steps as the federation spent on that domain."""
     out = {}
@@ -28,4 +45,36 @@ def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cf
         trainer.set_adapter(None)
         trainer.train([r for s in members for r in s.train], TrainConfig(**{**cfg.__dict__, "steps": cfg.steps * len(members)}))
         out[domain] = trainer.evaluate([r for r in mixed if r.domain == domain]).accuracy
+        if progress:
+            progress(f"baseline centralized: {domain} {out[domain]:.3f}")
     return out
+
+
+def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict) -> dict:
+    """Both baselines on the suite's sites; returns their per-domain accuracies and seconds."""
+    from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
+
+    start = time.perf_counter()
+    sites = [load_site(p) for p in find_sites(suite)]
+    mixed = load_mixed_eval(suite)
+    trainer = SiteTrainer(model_dir, quant, 8)
+    train_cfg = TrainConfig(**cfg)
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    return {"local_only": local_only(trainer, sites, mixed, train_cfg, say),
+            "centralized": centralized(trainer, sites, mixed, train_cfg, say),
+            "seconds": time.perf_counter() - start}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def start_baselines(model_dir, quant: str, suite, cfg: TrainConfig) -> tuple[Future, ProcessPoolExecutor]:
+    """`run_baselines` in a fresh one-thread worker process; returns its future and pool
+    (shut the pool down once the future is done)."""
+    import multiprocessing
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+    return pool.submit(run_baselines, str(model_dir), quant, str(suite), asdict(cfg)), pool

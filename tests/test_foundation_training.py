@@ -144,3 +144,31 @@ def test_exact_match_is_greedy_decoding(trained, tiny_model_dir, site):
     result = evaluate(model, tok, records)
     assert result.accuracy == pytest.approx(sum(hits) / len(hits))
     assert 0 < sum(hits)  # the adapter answers some of them
+
+
+def test_completion_logits_match_the_full_forward(tiny_model_dir, site):
+    """A left-padded batch with the LM head on the completion positions only gives the
+    loss and exact-match verdicts of the plain right-padded forward over every position,
+    for prompt/completion and text records alike, on an NF4 base with LoRA."""
+    from fedmoe.shared.modeling import attach_lora, load_base_model, load_tokenizer
+    from fedmoe.shared.training import collate, completion_logits, encode_record, pads_left, score_batch
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = attach_lora(load_base_model(tiny_model_dir, "nf4"), rank=4)
+    assert pads_left(model)
+    records = load_site(site).train[:12] + [Record("", "the baker sells bread in the morning")]
+    encoded = [encode_record(tok, r, 128) for r in records]
+    right = collate(encoded, tok.pad_token_id, "cpu")
+    left = collate(encoded, tok.pad_token_id, "cpu", left=True)
+    assert (left["input_ids"][:, -1] != tok.pad_token_id).all()  # every record ends at the last position
+    with torch.no_grad():
+        reference = model(**right).loss
+        logits, labels = completion_logits(model, left)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
+        ok_right, loss_right = score_batch(model, right)
+        ok_left, loss_left = score_batch(model, left)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.equal(ok_left, ok_right)
+    assert torch.allclose(loss_left, loss_right, atol=1e-5)
+    prompt_only = collate(encoded[:12], tok.pad_token_id, "cpu", left=True)
+    assert completion_logits(model, prompt_only)[0].shape[1] < prompt_only["input_ids"].shape[1] // 2
