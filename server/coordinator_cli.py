@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--aggregation", default="exact", choices=["exact", "naive"], help="exact (default) or naive FedIT")
     p.add_argument("--round-timeout", type=float, default=900.0,
                    help="seconds a round waits for its sites; late or dead sites are counted as failed (default 900)")
+    p.add_argument("--prox-mu", type=float, default=0.0, help="FedProx: proximal term weight on the sites (default 0: off)")
+    p.add_argument("--server-opt", default="none", choices=["none", "fedadam"], help="server-side optimizer on each expert")
+    p.add_argument("--server-lr", type=float, default=1e-3, help="fedadam: server step size (default 1e-3)")
+    p.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (default 1e-3)")
     p.add_argument("--model", help="base model directory (default: the built-in tiny model)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) if the run has not ended after this many seconds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication: loopback host only, for testing")
@@ -62,7 +66,8 @@ def cmd_coordinator_start(args) -> int:
                    keyfile=args.ssl_keyfile, supernode_auth=args.enable_supernode_auth, site_keys=args.site_public_key)
     run_config = {"rounds": args.rounds, "expected-sites": args.expected_sites, "node-wait": args.node_wait,
                   "local-steps": args.local_steps, "batch-size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "aggregation": args.aggregation, "round-timeout": args.round_timeout,
+                  "aggregation": args.aggregation, "round-timeout": args.round_timeout, "prox-mu": args.prox_mu,
+                  "server-opt": args.server_opt, "server-lr": args.server_lr, "server-tau": args.server_tau,
                   "model-path": str(Path(args.model).resolve()) if args.model else ""}
     echo = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
 

@@ -90,6 +90,8 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         store.finish_run("failed")
         raise FedmoeError("no usable site answered the describe query")
     progress("experts: " + ", ".join(f"{e} ({len(n)} sites, ranks {sorted({x.rank for x in n})})" for e, n in groups.items()))
+    if plan.resume and strategy.server_opt is not None:
+        raise FedmoeError(f"cannot resume a run with --server-opt {plan.strategy.server_opt}: its Adam moments are not checkpointed")
     first = resume_experts(store, strategy, list(groups), progress) + 1 if plan.resume else 1
     history, stopped = [], None
     for rnd in range(first, plan.rounds + 1):
@@ -163,7 +165,9 @@ def plan_from_run_config(cfg) -> FederationPlan:
         local_steps=int(cfg.get("local-steps", 30)), batch_size=int(cfg.get("batch-size", 16)), lr=float(cfg.get("lr", 3e-3)),
         seed=int(cfg.get("seed", 0)), aggregation=str(cfg.get("aggregation", "exact")),
         fraction=float(cfg.get("fraction", 1.0)), min_nodes=int(cfg.get("min-nodes", 1)),
-        round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)))
+        round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)),
+        server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 1e-3)),
+        server_tau=float(cfg.get("server-tau", 1e-3)))
     return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
                           rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),
                           node_wait=float(cfg.get("node-wait", 120)), preset="deployed")

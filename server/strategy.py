@@ -25,6 +25,7 @@ from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError
 
 SINGLE_EXPERT = "all"
+SERVER_OPTIMIZERS = ("none", "fedadam")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class StrategyConfig:
     clip: float = 1.0  # dp: bound on a site's update norm ||s (B_k - B_0)||
     dp_delta: float = 1e-5
     epsilon_budget: float | None = None  # dp: stop before a round that would exceed it
+    server_opt: str = "none"  # none | fedadam: server-side Adam on each expert's ΔW (fedmoe.server.server_optimizer)
+    server_lr: float = 1e-3  # fedadam: step size
+    server_tau: float = 1e-3  # fedadam: adaptivity (Adam's eps); steps are ~lr/tau x the pseudo-gradient where it is small
 
 
 @dataclass
@@ -72,6 +76,11 @@ class DomainExpertStrategy:
         if cfg.aggregation not in ("exact", "naive"):
             raise FedmoeError(f"unknown aggregation {cfg.aggregation!r}: choose exact or naive")
         compression.check_codec(cfg.compression)
+        if cfg.server_opt not in SERVER_OPTIMIZERS:
+            raise FedmoeError(f"unknown server optimizer {cfg.server_opt!r}: choose one of {', '.join(SERVER_OPTIMIZERS)}")
+        if cfg.server_opt != "none" and cfg.privacy != "none":
+            raise FedmoeError(f"--server-opt {cfg.server_opt} re-factorizes each expert, which breaks the frozen shared A of "
+                              f"--privacy {cfg.privacy}: use one or the other")
         self.cfg, self.spec, self.fingerprint = cfg, spec, fingerprint
         self.nodes: dict[int, Node] = {}
         self.experts: dict[str, dict[str, LowRank]] = {}
@@ -83,6 +92,11 @@ class DomainExpertStrategy:
         self.privacy = PrivacyConfig(cfg.privacy, cfg.noise_multiplier, cfg.clip, cfg.dp_delta, cfg.epsilon_budget)
         self._noise_std: dict[str, float] = {}
         self.accountant = PrivacyAccountant(cfg.noise_multiplier, cfg.dp_delta) if cfg.privacy == "dp" else None
+        self.server_opt = None
+        if cfg.server_opt == "fedadam":
+            from fedmoe.server.server_optimizer import ExpertFedAdam
+
+            self.server_opt = ExpertFedAdam(cfg.server_lr, eps=cfg.server_tau)
 
     # -- membership ------------------------------------------------------------
     def add_node(self, node: Node) -> str | None:
@@ -186,14 +200,11 @@ class DomainExpertStrategy:
                 if (aggregated := self.frozen_a_round(expert, items, sent_of, result)) is None:
                     continue
                 self.experts[expert] = aggregated
-            elif self.robust.method in ("trimmed-mean", "median"):
-                from fedmoe.server.robust import coordinate_aggregate
-
-                self.experts[expert] = coordinate_aggregate(updates, self.robust.method, self.robust.trim)
-            elif self.cfg.aggregation == "exact":
-                self.experts[expert] = exact_lora_aggregate(updates, self.max_rank(expert))
             else:
-                self.experts[expert] = naive_lora_aggregate(updates)
+                aggregate = self.aggregate(updates, self.max_rank(expert))
+                if self.server_opt is not None:
+                    aggregate = self.server_opt.step(expert, self.experts.get(expert), aggregate, self.max_rank(expert))
+                self.experts[expert] = aggregate
             # Canonical state = what the checkpoint holds, so a resumed run continues bit for bit.
             self.restore(expert, self.expert_delta(expert))
             total = sum(w for _, w, _ in items)
@@ -210,6 +221,16 @@ class DomainExpertStrategy:
             failed = sum(1 for p in result.participation if p["expert"] == expert and p["status"] != "ok")
             result.metrics.setdefault(expert, {})["sites_failed"] = failed
         return result
+
+    def aggregate(self, updates: list[tuple[LoraDelta, float]], rank: int) -> dict[str, LowRank]:
+        """One expert's accepted updates combined: robust, exact or naive."""
+        if self.robust.method in ("trimmed-mean", "median"):
+            from fedmoe.server.robust import coordinate_aggregate
+
+            return coordinate_aggregate(updates, self.robust.method, self.robust.trim)
+        if self.cfg.aggregation == "exact":
+            return exact_lora_aggregate(updates, rank)
+        return naive_lora_aggregate(updates)
 
     # -- robustness and privacy (fedmoe.server.robust, fedmoe.server.privacy) ----------
     def screen(self, accepted: dict, sent_of: dict, result: RoundResult) -> dict:

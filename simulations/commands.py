@@ -39,6 +39,11 @@ def register(sub) -> None:
     s.add_argument("--epsilon-budget", type=float, help="dp: stop before a round that would exceed this epsilon")
     s.add_argument("--dp-delta", type=float, default=1e-5, help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
     s.add_argument("--no-mia", action="store_true", help="skip the membership-inference check in the report")
+    s.add_argument("--prox-mu", type=float, default=0.0, help="FedProx: proximal term weight on the sites (default 0: off)")
+    s.add_argument("--server-opt", default="none", choices=["none", "fedadam"],
+                   help="server-side optimizer on each expert's aggregate (default none: the aggregate is the expert)")
+    s.add_argument("--server-lr", type=float, default=1e-3, help="fedadam: server step size (default 1e-3)")
+    s.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (Adam's eps, default 1e-3)")
     add_json_flag(s)
     s.set_defaults(func=cmd_simulate)
     register_bench(sub)
@@ -71,7 +76,9 @@ def cmd_simulate(args) -> int:
         report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
                           baselines=not args.no_baselines, moe=not args.no_moe, compression=args.compression, robust=args.robust,
                           chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier, clip=args.clip,
-                          epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia)
+                          epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia,
+                          prox_mu=args.prox_mu, server_opt=args.server_opt, server_lr=args.server_lr,
+                          server_tau=args.server_tau)
     if args.json:
         print_json(report)
     else:

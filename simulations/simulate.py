@@ -85,7 +85,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True,
              compression: str = "none", resume: bool = False, robust: str = "none", chaos: str | None = None,
              privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
-             dp_delta: float = 1e-5, mia: bool = True, moe: bool = True) -> dict:
+             dp_delta: float = 1e-5, mia: bool = True, moe: bool = True, prox_mu: float = 0.0, server_opt: str = "none",
+             server_lr: float = 1e-3, server_tau: float = 1e-3) -> dict:
     import torch
 
     from fedmoe.server.server_app import FederationPlan
@@ -113,7 +114,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
             {"preset_name": preset_name, "data_dir": data_dir, "rounds": rounds, "aggregation": aggregation,
              "ray_address": ray_address, "baselines": baselines, "moe": moe, "compression": compression, "robust": robust,
              "chaos": chaos, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
-             "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia}, indent=2))
+             "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia, "prox_mu": prox_mu,
+             "server_opt": server_opt, "server_lr": server_lr, "server_tau": server_tau}, indent=2))
     model_dir = ensure_default_model()
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
@@ -132,7 +134,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
                               aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
                               robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
-                              dp_delta=dp_delta, epsilon_budget=epsilon_budget)
+                              dp_delta=dp_delta, epsilon_budget=epsilon_budget, prox_mu=prox_mu, server_opt=server_opt,
+                              server_lr=server_lr, server_tau=server_tau)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     stages = StageClock()
@@ -190,7 +193,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
         "methods": {m: methods[m] for m in METHOD_ORDER if m in methods} | {m: v for m, v in methods.items() if m not in METHOD_ORDER},
         "federation_seconds": fed_seconds, "stage_seconds": stages.seconds, "history": results["history"],
-        "compression": compression, **wire_bytes(out_dir),
+        "compression": compression, "server_opt": server_opt, "prox_mu": prox_mu, **wire_bytes(out_dir),
     }
     from fedmoe.simulations import privacy_report
 

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from fedmoe.client.router import LinearRouter
+from fedmoe.server.server_optimizer import FedAdam
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.features import FeatureConfig
 
@@ -34,22 +35,14 @@ def fedavg(updates: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
 def federated_router_rounds(dim: int, experts: int, sites: list[SiteStep], rounds: int = 20,
                             server_lr: float = 0.01, progress=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     state = {k: v.detach().clone() for k, v in LinearRouter(dim, experts).state_dict().items()}
-    m1 = {k: torch.zeros_like(v) for k, v in state.items()}
-    m2 = {k: torch.zeros_like(v) for k, v in state.items()}
-    b1, b2, eps = 0.9, 0.99, 1e-8
+    server = FedAdam(server_lr, 0.9, 0.99, 1e-8, bias_correction=True)
     history = []
     for rnd in range(1, rounds + 1):
         replies = [site(state) for site in sites]
         for new, _, _ in replies:
             if set(new) != set(state) or any(new[k].shape != state[k].shape or not torch.isfinite(new[k]).all() for k in state):
                 raise FedmoeError(f"round {rnd}: a site returned malformed router weights")
-        mean = fedavg([(new, n) for new, n, _ in replies])
-        for k in state:  # server Adam on the pseudo-gradient (mean - state)
-            g = mean[k] - state[k]
-            m1[k] = b1 * m1[k] + (1 - b1) * g
-            m2[k] = b2 * m2[k] + (1 - b2) * g * g
-            step = (m1[k] / (1 - b1**rnd)) / ((m2[k] / (1 - b2**rnd)).sqrt() + eps)
-            state[k] = state[k] + server_lr * step
+        state = server.step(state, fedavg([(new, n) for new, n, _ in replies]))  # along the pseudo-gradient (mean - state)
         metrics = {k: sum(m[k] * n for _, n, m in replies) / sum(n for _, n, _ in replies) for k in replies[0][2]}
         history.append({"round": rnd, **metrics})
         if progress:
