@@ -45,7 +45,7 @@ APP_CONFIG: dict = {
     "round-timeout": 900.0,
     "prox-mu": 0.0,
     "server-opt": "none",
-    "server-lr": 0.001,
+    "server-lr": 0.003,
     "server-tau": 0.001,
     "expected-sites": 1,
     "node-wait": 120.0,

@@ -29,7 +29,7 @@ def register(sub) -> None:
                    help="seconds a round waits for its sites; late or dead sites are counted as failed (default 900)")
     p.add_argument("--prox-mu", type=float, default=0.0, help="FedProx: proximal term weight on the sites (default 0: off)")
     p.add_argument("--server-opt", default="none", choices=["none", "fedadam"], help="server-side optimizer on each expert")
-    p.add_argument("--server-lr", type=float, default=1e-3, help="fedadam: server step size (default 1e-3)")
+    p.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
     p.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (default 1e-3)")
     p.add_argument("--model", help="base model directory (default: the built-in tiny model)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) if the run has not ended after this many seconds")

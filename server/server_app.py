@@ -166,7 +166,7 @@ def plan_from_run_config(cfg) -> FederationPlan:
         seed=int(cfg.get("seed", 0)), aggregation=str(cfg.get("aggregation", "exact")),
         fraction=float(cfg.get("fraction", 1.0)), min_nodes=int(cfg.get("min-nodes", 1)),
         round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)),
-        server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 1e-3)),
+        server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 3e-3)),
         server_tau=float(cfg.get("server-tau", 1e-3)))
     return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
                           rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),

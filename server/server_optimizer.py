@@ -53,7 +53,7 @@ class ExpertFedAdam:
     """FedAdam per expert: `step(expert, previous, aggregate, rank)` -> the new expert."""
 
     def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.99, eps: float = 1e-3):
-        self.settings = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+        self.settings = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias_correction=True)
         self.optimizers: dict[str, FedAdam] = {}
 
     def step(self, expert: str, previous: dict[str, LowRank] | None, aggregate: dict[str, LowRank], rank: int) -> dict[str, LowRank]:

@@ -50,7 +50,7 @@ class StrategyConfig:
     dp_delta: float = 1e-5
     epsilon_budget: float | None = None  # dp: stop before a round that would exceed it
     server_opt: str = "none"  # none | fedadam: server-side Adam on each expert's ΔW (fedmoe.server.server_optimizer)
-    server_lr: float = 1e-3  # fedadam: step size
+    server_lr: float = 3e-3  # fedadam: step size (~ a typical |ΔW| entry change per round on the default model)
     server_tau: float = 1e-3  # fedadam: adaptivity (Adam's eps); steps are ~lr/tau x the pseudo-gradient where it is small
 
 

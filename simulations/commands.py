@@ -42,7 +42,7 @@ def register(sub) -> None:
     s.add_argument("--prox-mu", type=float, default=0.0, help="FedProx: proximal term weight on the sites (default 0: off)")
     s.add_argument("--server-opt", default="none", choices=["none", "fedadam"],
                    help="server-side optimizer on each expert's aggregate (default none: the aggregate is the expert)")
-    s.add_argument("--server-lr", type=float, default=1e-3, help="fedadam: server step size (default 1e-3)")
+    s.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
     s.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (Adam's eps, default 1e-3)")
     add_json_flag(s)
     s.set_defaults(func=cmd_simulate)

@@ -86,7 +86,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              compression: str = "none", resume: bool = False, robust: str = "none", chaos: str | None = None,
              privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
              dp_delta: float = 1e-5, mia: bool = True, moe: bool = True, prox_mu: float = 0.0, server_opt: str = "none",
-             server_lr: float = 1e-3, server_tau: float = 1e-3) -> dict:
+             server_lr: float = 3e-3, server_tau: float = 1e-3) -> dict:
     import torch
 
     from fedmoe.server.server_app import FederationPlan
