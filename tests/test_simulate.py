@@ -22,6 +22,30 @@ def test_report_has_every_method_with_fractions(smoke_run):
     for name in ("report.md", "accuracy.png", "loss.png", "run.json"):
         assert (smoke_run / name).stat().st_size > 0
     assert "experts_oracle" in (smoke_run / "report.md").read_text()
+    stages = report["stage_seconds"]
+    assert {"federation", "scoring", "baselines (worker)", "moe"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= report["wall_seconds"] + stages["baselines (worker)"]
+
+
+def test_baselines_in_their_worker_match_the_same_run_in_process(suite_dir, tiny_model_dir, tmp_path):
+    """The worker process beside the federation gives the numbers the functions give here."""
+    import shutil
+
+    from fedmoe.shared.training import TrainConfig
+    from fedmoe.simulations.baselines import run_baselines, start_baselines
+
+    suite = tmp_path / "suite"
+    for site in ("site-00", "site-01", "site-04", "site-05"):  # two domains, two sites each
+        shutil.copytree(suite_dir / site, suite / site)
+    shutil.copy(suite_dir / "mixed-eval.jsonl", suite / "mixed-eval.jsonl")
+    domains = {json.loads(line)["domain"] for line in (suite_dir / "mixed-eval.jsonl").read_text().splitlines()}
+    cfg = TrainConfig(steps=6, batch_size=8, seed=3)
+    future, pool = start_baselines(tiny_model_dir, "none", suite, cfg)
+    here = run_baselines(str(tiny_model_dir), "none", str(suite), cfg.__dict__)
+    there = future.result(timeout=600)
+    pool.shutdown()
+    assert there["local_only"] == here["local_only"] and there["centralized"] == here["centralized"]
+    assert set(here["local_only"]) == set(here["centralized"]) and set(here["local_only"]) < domains
 
 
 def test_run_store_committed_every_round(smoke_run):
