@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 from fedmoe.client.trainer import SiteTrainer
 from fedmoe.shared.data import Record, Site
+from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.training import TrainConfig
 
 
@@ -65,16 +65,46 @@ def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def _one_thread() -> None:
+class BaselineWorker:
+    """`run_baselines` in a fresh one-thread daemon process (it dies with `fedmoe
+    simulate`, so a failed federation never waits on it); `result()` waits for it."""
+
+    def __init__(self, model_dir, quant: str, suite, cfg: TrainConfig):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_worker_main, args=(child, str(model_dir), quant, str(suite), asdict(cfg)),
+                                   name="fedmoe-baselines", daemon=True)
+        self.process.start()
+        child.close()
+
+    def result(self) -> dict:
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise FedmoeError(f"the baselines worker died (exit code {self.process.exitcode})") from None
+        finally:
+            self._conn.close()
+        self.process.join()
+        if status != "ok":
+            raise FedmoeError(f"baselines failed: {payload}")
+        return payload
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+
+
+def _worker_main(conn, model_dir: str, quant: str, suite: str, cfg: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-def start_baselines(model_dir, quant: str, suite, cfg: TrainConfig) -> tuple[Future, ProcessPoolExecutor]:
-    """`run_baselines` in a fresh one-thread worker process; returns its future and pool
-    (shut the pool down once the future is done)."""
-    import multiprocessing
-
-    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
-    return pool.submit(run_baselines, str(model_dir), quant, str(suite), asdict(cfg)), pool
+    try:
+        conn.send(("ok", run_baselines(model_dir, quant, suite, cfg)))
+    except Exception as exc:  # sent back whole: the parent reports it in one line
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()

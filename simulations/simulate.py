@@ -90,7 +90,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     import torch
 
     from fedmoe.server.server_app import FederationPlan
-    from fedmoe.simulations.baselines import start_baselines
+    from fedmoe.simulations.baselines import BaselineWorker
     from fedmoe.server.strategy import StrategyConfig
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
     from fedmoe.shared.pretrain import ensure_default_model
@@ -139,70 +139,72 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     stages = StageClock()
-    pending = None
+    worker = None
     if baselines:  # independent of the federation: trained beside it (fedmoe.simulations.baselines)
         cfg = TrainConfig(steps=preset.local_steps * rounds, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed)
-        pending = start_baselines(model_dir, preset.quant, suite, cfg)
+        worker = BaselineWorker(model_dir, preset.quant, suite, cfg)
         log("baselines local_only and centralized: training in a worker process beside the federation")
-    log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
-        f"{aggregation} aggregation, {preset.quant} sites -> {out_dir}")
-    with stages("federation"):
-        results = run_flower(plan, site_plan, ray_address)
-    fed_seconds = stages.seconds["federation"]
-    threads = torch.get_num_threads()
-    if pending:  # one core stays the baseline worker's while it runs
-        torch.set_num_threads(1)
+    try:
+        log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
+            f"{aggregation} aggregation, {preset.quant} sites -> {out_dir}")
+        with stages("federation"):
+            results = run_flower(plan, site_plan, ray_address)
+        fed_seconds = stages.seconds["federation"]
+        threads = torch.get_num_threads()
+        if worker:  # one core stays the baseline worker's while it runs
+            torch.set_num_threads(1)
 
-    counts = {d: sum(1 for r in mixed if r.domain == d) for d in sorted({r.domain for r in mixed})}
-    methods: dict[str, dict] = {}
+        counts = {d: sum(1 for r in mixed if r.domain == d) for d in sorted({r.domain for r in mixed})}
+        methods: dict[str, dict] = {}
 
-    def add(name: str, per_domain: dict[str, float], **extra) -> None:
-        methods[name] = {"per_domain": per_domain, "mixed": weighted_mixed(per_domain, counts), **extra}
-        log(f"scored {name}: mixed {methods[name]['mixed']:.3f}")
+        def add(name: str, per_domain: dict[str, float], **extra) -> None:
+            methods[name] = {"per_domain": per_domain, "mixed": weighted_mixed(per_domain, counts), **extra}
+            log(f"scored {name}: mixed {methods[name]['mixed']:.3f}")
 
-    tokenizer = load_tokenizer(model_dir)
-    experts = {d: out_dir / "experts" / d for d in results["experts"]}
-    with stages("scoring"):
-        base = evaluate(load_base_model(model_dir, "none"), tokenizer, mixed)
-        add("base", {d: v["accuracy"] for d, v in base.per_domain.items()})
-        if experts:
-            add("experts_oracle", score_adapters(model_dir, experts, mixed, route=lambda d: d))
-        if baselines:
-            add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed, route=lambda d: "all"))
-    if moe and len(experts) > 1:
-        from fedmoe.server.moe_report import moe_methods
+        tokenizer = load_tokenizer(model_dir)
+        experts = {d: out_dir / "experts" / d for d in results["experts"]}
+        with stages("scoring"):
+            base = evaluate(load_base_model(model_dir, "none"), tokenizer, mixed)
+            add("base", {d: v["accuracy"] for d, v in base.per_domain.items()})
+            if experts:
+                add("experts_oracle", score_adapters(model_dir, experts, mixed, route=lambda d: d))
+            if baselines:
+                add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed, route=lambda d: "all"))
+        if moe and len(experts) > 1:
+            from fedmoe.server.moe_report import moe_methods
 
-        with stages("moe"):
-            moe_results = moe_methods(model_dir, experts, mixed, sites, seed=preset.seed, gate_dir=out_dir / "gates",
-                                      router_max_records=64, router_rounds=preset.router_rounds,
-                                      latency_requests=preset.latency_requests, progress=log)
-        for name, entry in moe_results.items():
-            methods[name] = entry
-            log(f"scored {name}: mixed {entry['mixed']:.3f}")
-    if pending:
-        future, pool = pending
-        with stages("baselines (waiting)"):
-            done = future.result()
-        pool.shutdown()
-        torch.set_num_threads(threads)
-        stages.seconds["baselines (worker)"] = done["seconds"]
-        add("local_only", done["local_only"])
-        add("centralized", done["centralized"])
-    report = {
-        "preset": preset_name, "seed": preset.seed, "aggregation": aggregation, "rounds": rounds, "quant": preset.quant,
-        "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
-        "methods": {m: methods[m] for m in METHOD_ORDER if m in methods} | {m: v for m, v in methods.items() if m not in METHOD_ORDER},
-        "federation_seconds": fed_seconds, "stage_seconds": stages.seconds, "history": results["history"],
-        "compression": compression, "server_opt": server_opt, "prox_mu": prox_mu, **wire_bytes(out_dir),
-    }
-    from fedmoe.simulations import privacy_report
+            with stages("moe"):
+                moe_results = moe_methods(model_dir, experts, mixed, sites, seed=preset.seed, gate_dir=out_dir / "gates",
+                                          router_max_records=64, router_rounds=preset.router_rounds,
+                                          latency_requests=preset.latency_requests, progress=log)
+            for name, entry in moe_results.items():
+                methods[name] = entry
+                log(f"scored {name}: mixed {entry['mixed']:.3f}")
+        if worker:
+            with stages("baselines (waiting)"):
+                done = worker.result()
+            torch.set_num_threads(threads)
+            stages.seconds["baselines (worker)"] = done["seconds"]
+            add("local_only", done["local_only"])
+            add("centralized", done["centralized"])
+        report = {
+            "preset": preset_name, "seed": preset.seed, "aggregation": aggregation, "rounds": rounds, "quant": preset.quant,
+            "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
+            "methods": {m: methods[m] for m in METHOD_ORDER if m in methods} | {m: v for m, v in methods.items() if m not in METHOD_ORDER},
+            "federation_seconds": fed_seconds, "stage_seconds": stages.seconds, "history": results["history"],
+            "compression": compression, "server_opt": server_opt, "prox_mu": prox_mu, **wire_bytes(out_dir),
+        }
+        from fedmoe.simulations import privacy_report
 
-    with stages("privacy report"):
-        report |= privacy_report.sections(out_dir, model_dir, sites, rounds, preset.seed, baselines, robust, chaos, plan,
-                                          results, experts if mia else {})
-    report["wall_seconds"] = time.perf_counter() - wall
-    write_report(out_dir, report)
-    return report
+        with stages("privacy report"):
+            report |= privacy_report.sections(out_dir, model_dir, sites, rounds, preset.seed, baselines, robust, chaos, plan,
+                                              results, experts if mia else {})
+        report["wall_seconds"] = time.perf_counter() - wall
+        write_report(out_dir, report)
+        return report
+    finally:
+        if worker is not None:
+            worker.stop()
 
 
 class StageClock:

@@ -32,7 +32,7 @@ def test_baselines_in_their_worker_match_the_same_run_in_process(suite_dir, tiny
     import shutil
 
     from fedmoe.shared.training import TrainConfig
-    from fedmoe.simulations.baselines import run_baselines, start_baselines
+    from fedmoe.simulations.baselines import BaselineWorker, run_baselines
 
     suite = tmp_path / "suite"
     for site in ("site-00", "site-01", "site-04", "site-05"):  # two domains, two sites each
@@ -40,10 +40,12 @@ def test_baselines_in_their_worker_match_the_same_run_in_process(suite_dir, tiny
     shutil.copy(suite_dir / "mixed-eval.jsonl", suite / "mixed-eval.jsonl")
     domains = {json.loads(line)["domain"] for line in (suite_dir / "mixed-eval.jsonl").read_text().splitlines()}
     cfg = TrainConfig(steps=6, batch_size=8, seed=3)
-    future, pool = start_baselines(tiny_model_dir, "none", suite, cfg)
-    here = run_baselines(str(tiny_model_dir), "none", str(suite), cfg.__dict__)
-    there = future.result(timeout=600)
-    pool.shutdown()
+    worker = BaselineWorker(tiny_model_dir, "none", suite, cfg)
+    try:
+        here = run_baselines(str(tiny_model_dir), "none", str(suite), cfg.__dict__)
+        there = worker.result()
+    finally:
+        worker.stop()
     assert there["local_only"] == here["local_only"] and there["centralized"] == here["centralized"]
     assert set(here["local_only"]) == set(here["centralized"]) and set(here["local_only"]) < domains
 
@@ -93,3 +95,14 @@ def test_simulate_bad_input_one_line(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert lines[-1].startswith("fedmoe: error:") and message in lines[-1] and "Traceback" not in proc.stderr
+
+
+def test_baselines_worker_failure_is_one_line(tmp_path, tiny_model_dir):
+    from fedmoe.shared.errors import FedmoeError
+    from fedmoe.shared.training import TrainConfig
+    from fedmoe.simulations.baselines import BaselineWorker
+
+    worker = BaselineWorker(tiny_model_dir, "none", tmp_path / "no-such-suite", TrainConfig(steps=1))
+    with pytest.raises(FedmoeError, match="baselines failed: FedmoeError: suite folder not found"):
+        worker.result()
+    assert not worker.process.is_alive()
