@@ -39,6 +39,7 @@ def register(sub) -> None:
     s.add_argument("--epsilon-budget", type=float, help="dp: stop before a round that would exceed this epsilon")
     s.add_argument("--dp-delta", type=float, default=1e-5, help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
     s.add_argument("--no-mia", action="store_true", help="skip the membership-inference check in the report")
+    add_short_round_flags(s)
     add_json_flag(s)
     s.set_defaults(func=cmd_simulate)
     register_bench(sub)
@@ -58,10 +59,32 @@ def cmd_make_suite(args) -> int:
     return 0
 
 
+def add_short_round_flags(p) -> None:
+    """--min-replies, --short-round, --max-retries (fedmoe simulate and fedmoe coordinator start)."""
+    p.add_argument("--min-replies", type=int, default=1,
+                   help="accepted replies each expert needs per round, at most its sampled sites (default 1)")
+    p.add_argument("--short-round", default="proceed", choices=["proceed", "retry", "fail"],
+                   help="a round short of --min-replies at its deadline: proceed with what arrived (default), "
+                        "retry = re-send to the missing sites then proceed, fail = re-send then stop the run")
+    p.add_argument("--max-retries", type=int, default=1, help="retry/fail: re-sends per round before giving up (default 1)")
+
+
+def check_short_round_flags(args) -> None:
+    from fedmoe.shared.errors import FedmoeError
+
+    if args.min_replies < 1:
+        raise FedmoeError(f"--min-replies must be >= 1, got {args.min_replies}")
+    if args.max_retries < 0:
+        raise FedmoeError(f"--max-retries must be >= 0, got {args.max_retries}")
+
+
 def cmd_simulate(args) -> int:
+    from fedmoe.server.faults import armed_faults
     from fedmoe.shared.errors import FedmoeError
     from fedmoe.simulations.simulate import report_table, resume_args, simulate
 
+    armed_faults()  # FEDMOE_FAULT (crash tests): a typo is a one-line error before anything starts
+    check_short_round_flags(args)
     if args.resume:
         report = simulate(out=args.resume, resume=True, **resume_args(args.resume))
         args.out = args.resume
@@ -71,7 +94,8 @@ def cmd_simulate(args) -> int:
         report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
                           baselines=not args.no_baselines, moe=not args.no_moe, compression=args.compression, robust=args.robust,
                           chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier, clip=args.clip,
-                          epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia)
+                          epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia,
+                          min_replies=args.min_replies, short_round=args.short_round, max_retries=args.max_retries)
     if args.json:
         print_json(report)
     else:
@@ -92,6 +116,7 @@ BENCHMARKS = {
     "comm": ("fedmoe.simulations.benchmarks.comm", "adapter bytes per site per round and accuracy: fp32 vs fp16 vs int8 deltas"),
     "aggregate": ("fedmoe.simulations.benchmarks.aggregate", "exact (streaming, QR) vs naive aggregation of N sites: time, peak memory"),
     "overhead": ("fedmoe.simulations.benchmarks.overhead", "fedmoe simulate wall time vs the sites' pure local training time"),
+    "resume": ("fedmoe.simulations.benchmarks.resume", "a simulation SIGKILLed K times and resumed vs one never killed: same numbers?"),
 }
 
 

@@ -51,6 +51,8 @@ def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
     backend_config["init_args"] = init_args
     run_simulation(server_app=build_server_app(plan, results), client_app=build_client_app(site_plan),
                    num_supernodes=len(site_plan), backend_config=backend_config)
+    if "error" in results:
+        raise FedmoeError(results["error"])
     if "experts" not in results:
         raise FedmoeError(f"the federation did not finish; see the log above and {plan.out_dir}/run.db")
     return results
@@ -84,7 +86,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True,
              compression: str = "none", resume: bool = False, robust: str = "none", chaos: str | None = None,
              privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
-             dp_delta: float = 1e-5, mia: bool = True, moe: bool = True) -> dict:
+             dp_delta: float = 1e-5, mia: bool = True, moe: bool = True, min_replies: int = 1, short_round: str = "proceed",
+             max_retries: int = 1) -> dict:
     from fedmoe.client.trainer import SiteTrainer
     from fedmoe.server.server_app import FederationPlan
     from fedmoe.simulations.baselines import centralized, local_only
@@ -111,7 +114,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
             {"preset_name": preset_name, "data_dir": data_dir, "rounds": rounds, "aggregation": aggregation,
              "ray_address": ray_address, "baselines": baselines, "moe": moe, "compression": compression, "robust": robust,
              "chaos": chaos, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
-             "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia}, indent=2))
+             "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia, "min_replies": min_replies,
+             "short_round": short_round, "max_retries": max_retries}, indent=2))
     model_dir = ensure_default_model()
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
@@ -130,7 +134,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
                               aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
                               robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
-                              dp_delta=dp_delta, epsilon_budget=epsilon_budget)
+                              dp_delta=dp_delta, epsilon_budget=epsilon_budget, min_replies=min_replies,
+                              short_round=short_round, max_retries=max_retries)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
