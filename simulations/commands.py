@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmoe.shared.cli import add_json_flag, print_json
+from fedmoe.shared.cli import add_json_flag, add_short_round_flags, check_short_round_flags, print_json
 
 
 def register(sub) -> None:
@@ -57,25 +57,6 @@ def cmd_make_suite(args) -> int:
         print(f"{s['site']:<10}{s['domain']:<12}{s['train']:>7}{s['eval']:>6}")
     print(f"mixed-eval.jsonl: {summary['mixed_eval']} records across {', '.join(summary['domains'])} -> {args.out}")
     return 0
-
-
-def add_short_round_flags(p) -> None:
-    """--min-replies, --short-round, --max-retries (fedmoe simulate and fedmoe coordinator start)."""
-    p.add_argument("--min-replies", type=int, default=1,
-                   help="accepted replies each expert needs per round, at most its sampled sites (default 1)")
-    p.add_argument("--short-round", default="proceed", choices=["proceed", "retry", "fail"],
-                   help="a round short of --min-replies at its deadline: proceed with what arrived (default), "
-                        "retry = re-send to the missing sites then proceed, fail = re-send then stop the run")
-    p.add_argument("--max-retries", type=int, default=1, help="retry/fail: re-sends per round before giving up (default 1)")
-
-
-def check_short_round_flags(args) -> None:
-    from fedmoe.shared.errors import FedmoeError
-
-    if args.min_replies < 1:
-        raise FedmoeError(f"--min-replies must be >= 1, got {args.min_replies}")
-    if args.max_retries < 0:
-        raise FedmoeError(f"--max-retries must be >= 0, got {args.max_retries}")
 
 
 def cmd_simulate(args) -> int:
