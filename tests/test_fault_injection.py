@@ -93,7 +93,7 @@ def test_coordinator_killed_at_each_point_resumes_to_the_uninterrupted_run(fed_s
     sites train (round 1 committed), and in round 2's checkpoint write; then resumed to
     the end. Each restart must continue from what the kill left, and the end result
     equal the never-killed run: report numbers, per-round metrics, participation rows and
-    the checkpoints' sha256, with rounds 1 and 2 each committed once."""
+    every checkpoint's tensors, with rounds 1 and 2 each committed once."""
     out = tmp_path / "killed"
     chain = [("kill:aggregate:1", []), ("kill:train:2", [1]), ("kill:checkpoint:2", [1])]
     before = []

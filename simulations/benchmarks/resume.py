@@ -11,8 +11,8 @@ moment is not killed.
 
 Compared: the report numbers of the federated methods (`experts_oracle`, and
 `fedavg_single` with `--baselines`), and in `run.db` the committed rounds (no gap, no
-duplicate), the per-round metrics, the participation rows and the sha256 of every
-checkpoint. The MoE stage is left out: it only reads the finished experts.
+duplicate), the per-round metrics, the participation rows and the tensors of every
+checkpoint (content checksums). The MoE stage is left out: it only reads the finished experts.
 
     fedmoe bench resume --preset smoke --kills 2
     fedmoe bench resume --kills 3 --seed 1        # default preset
@@ -112,7 +112,12 @@ def committed_rounds(run_dir: Path) -> list[int]:
 
 def federation_record(run_dir: Path) -> dict:
     """What a run's federation decided, without timings and node ids (which differ across
-    restarts): rounds and their states, metrics, participation, checkpoint hashes."""
+    restarts): rounds and their states, metrics, participation, and each checkpoint's
+    tensors by their content checksum. (Not the file sha256 the run store keeps for
+    integrity: safetensors writes its metadata in a per-process hash order, so equal
+    tensors can make different files.)"""
+    from fedmoe.shared.delta import LoraDelta
+
     db = sqlite3.connect(f"file:{Path(run_dir) / 'run.db'}?mode=ro", uri=True)
     try:
         return {
@@ -120,7 +125,8 @@ def federation_record(run_dir: Path) -> dict:
             "metrics": db.execute("SELECT round, expert, name, value FROM metrics ORDER BY round, expert, name").fetchall(),
             "participation": db.execute("SELECT round, site, expert, status, loss, num_examples, bytes_in, bytes_out, reason "
                                         "FROM participation ORDER BY round, expert, site").fetchall(),
-            "checkpoints": db.execute("SELECT round, expert, path, sha256 FROM checkpoints ORDER BY round, expert").fetchall(),
+            "checkpoints": [(rnd, expert, path, LoraDelta.load(Path(run_dir) / path).checksum()) for rnd, expert, path in
+                            db.execute("SELECT round, expert, path FROM checkpoints ORDER BY round, expert")],
         }
     finally:
         db.close()
