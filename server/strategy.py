@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedmoe.server.faults import fault_point
 from fedmoe.server.aggregation import (LowRank, exact_lora_aggregate, initial_adapter, naive_lora_aggregate,
                                        to_site_delta)
+from fedmoe.server.faults import fault_point
 from fedmoe.shared import compression
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError
@@ -205,15 +205,17 @@ class DomainExpertStrategy:
         what arrived. So a round lasts at most (1 + max_retries) x round_timeout."""
         replies = send_round(grid, sent, self.cfg.round_timeout, on_first_reply=lambda: fault_point("train", rnd))
         status = [self.read_reply(node, msg, r)[0] for (_, node, msg), r in zip(sent, replies)]
-        resends = [0] * len(sent)
+        resends, made = [0] * len(sent), 0
         attempts = self.cfg.max_retries if self.cfg.short_round != "proceed" else 0
         for attempt in range(1, attempts + 1):
-            short = self.short_experts(sent, status)
+            if not (short := self.short_experts(sent, status)):
+                break
             online = set(grid.get_node_ids())
             again = [i for i, (expert, node, _) in enumerate(sent)
                      if expert in short and status[i] != "ok" and node.node_id in online]
             if not again:
                 break
+            made = attempt
             fresh = [(sent[i][0], sent[i][1], Message(sent[i][2].content, dst_node_id=sent[i][1].node_id,
                                                       message_type=sent[i][2].metadata.message_type)) for i in again]
             for i, reply in zip(again, send_round(grid, fresh, self.cfg.round_timeout)):
@@ -223,7 +225,7 @@ class DomainExpertStrategy:
             raise ShortRoundError("round {}: too few accepted replies ({}) after {} re-send(s); stopping "
                                   "(short-round fail); the committed rounds can be resumed".format(
                                       rnd, ", ".join(f"{e} {ok} of {need}" for e, (ok, need) in sorted(short.items())),
-                                      max(resends, default=0)))
+                                      made))
         return replies, resends
 
     def aggregate_train(self, rnd: int, sent: list[tuple[str, Node, Message]], replies: list[Message | None],
