@@ -13,6 +13,10 @@ A spec is `kill:POINT:ROUND`, several joined by commas. The points, in round ord
 - `commit`: every checkpoint of the round is renamed into place, the SQLite
   transaction that commits the round has not run.
 
+Read in the process that runs the ServerApp (`fedmoe simulate`: the simulate process
+itself; its Ray workers, the sites, never reach these points). `fedmoe simulate` and
+`fedmoe coordinator start` refuse a mistyped spec in one line before starting.
+
 The coordinator calls `fault_point(name, round)` at each point; with no FEDMOE_FAULT
 (the normal case) that is a dictionary lookup. SIGKILL, not an exception: nothing
 (no `finally`, no atexit, no flush) runs, as when the machine loses power.

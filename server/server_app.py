@@ -148,6 +148,11 @@ def resume_experts(store: RunStore, strategy: DomainExpertStrategy, experts: lis
     for expert in saved:
         if expert in experts:
             strategy.restore(expert, store.checkpoint(expert, rnd))
+    if strategy.accountant is not None:
+        # The RDP accountant lives in memory: replay the Gaussian steps of the kept rounds
+        # (one per round that aggregated; the sample rate is fixed by the plan).
+        for _ in {m["round"] for m in store.metrics("dp_epsilon")}:
+            strategy.accountant.step(strategy.sample_rate(), strategy.steps_per_round())
     progress(f"resuming after round {rnd}" if rnd else "resuming: no verified round, starting from round 1")
     return rnd
 

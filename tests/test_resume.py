@@ -116,3 +116,32 @@ def test_coordinator_resume_uses_the_run_config_it_started_with(tmp_path, tiny_m
     assert not plan_from_run_config(APP_CONFIG | {"model-path": str(tiny_model_dir)}).resume
     with pytest.raises(FedmoeError, match="already holds a run"):  # a fresh start never writes over it
         run_coordinator(out, "127.0.0.1", 9, Security(insecure=True), {"rounds": 1})
+
+
+def test_resume_replays_the_privacy_accountant(tmp_path):
+    """The RDP accountant lives in memory: a resumed dp run must go on from the ε of its
+    last committed round, not from 0 (else ε is under-reported and the budget overrun)."""
+    from fedmoe.server.server_app import resume_experts
+    from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+    from fedmoe.shared.delta import AdapterSpec
+
+    def dp_strategy():
+        s = DomainExpertStrategy(StrategyConfig(privacy="dp", noise_multiplier=1.0, fraction=0.5),
+                                 AdapterSpec({"m.q_proj": (8, 6)}), "fp")
+        for i in range(4):
+            s.add_node(Node(i, f"site-{i}", "law", 4, "fp", 10))
+        return s
+
+    ran, store = dp_strategy(), RunStore(tmp_path)
+    store.start_run("smoke", 0, {})
+    for rnd in (1, 2):
+        ran.accountant.step(ran.sample_rate(), ran.steps_per_round())
+        store.begin_round(rnd)
+        store.commit_round(rnd, [], {"law": {"dp_epsilon": ran.accountant.epsilon()}}, [], {"law": delta(rnd)})
+    store.begin_round(3)  # killed in round 3
+    resumed, lines = dp_strategy(), []
+    assert resume_experts(store, resumed, ["law"], lines.append) == 2
+    assert resumed.accountant.epsilon() == pytest.approx(ran.accountant.epsilon()) and resumed.accountant.epsilon() > 0
+    ran.accountant.step(ran.sample_rate(), ran.steps_per_round())
+    resumed.accountant.step(resumed.sample_rate(), resumed.steps_per_round())
+    assert resumed.accountant.epsilon() == pytest.approx(ran.accountant.epsilon())  # round 3 as if never killed

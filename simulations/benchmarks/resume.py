@@ -210,6 +210,10 @@ def plot(result: dict, png) -> None:
     ax.bar([x - 0.2 for x in xs], [result["uninterrupted"]["mixed"][m] for m in methods], 0.4, label="uninterrupted", color="#4C72B0")
     ax.bar([x + 0.2 for x in xs], [result["killed_and_resumed"]["mixed"].get(m, 0) for m in methods], 0.4,
            label=f"killed {result['kills']}x + resumed", color="#DD8452")
+    for x, m in zip(xs, methods):
+        for dx, run in ((-0.2, "uninterrupted"), (0.2, "killed_and_resumed")):
+            v = result[run]["mixed"].get(m, 0)
+            ax.text(x + dx, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), methods)
     ax.set_ylim(0, 1)
     ax.set_ylabel("mixed exact-match accuracy")
@@ -226,6 +230,7 @@ def plot(result: dict, png) -> None:
             tl.text(t, 0.1, " SIGKILL", color="r", fontsize=7, rotation=90, va="bottom")
     tl.set_xlabel("seconds since start (restarts included)")
     tl.set_ylabel("committed rounds in run.db")
+    tl.set_yticks(range(result["rounds"] + 1))
     tl.set_title(f"preset {result['preset']}: same numbers: {'yes' if result['all_same'] else 'NO'}", fontsize=9)
     tl.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
