@@ -51,6 +51,10 @@ APP_CONFIG: dict = {
     "node-wait": 120.0,
     "out": "runs/deployed",
     "model-path": "",
+    "min-replies": 1,
+    "short-round": "proceed",
+    "max-retries": 1,
+    "resume": False,
 }
 
 
@@ -182,8 +186,8 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
     if unknown:
         raise FedmoeError(f"unknown run config key {unknown[0]!r}: choose from {', '.join(APP_CONFIG)}")
     out = Path(out).resolve()
-    if (out / "run.db").exists():
-        raise FedmoeError(f"{out} already holds a run (run.db); choose another --out")
+    if (out / "run.db").exists() and not run_config.get("resume"):
+        raise FedmoeError(f"{out} already holds a run (run.db); choose another --out, or --resume it")
     out.mkdir(parents=True, exist_ok=True)
     home = out / "flwr"
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -248,6 +252,19 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
     if state:
         status = f"{status} (run store: {state})" if status != "unknown" else state
     return CoordinatorResult(run_id, status, rounds, experts, time.perf_counter() - started, str(out))
+
+
+def stored_run_config(out: str | Path) -> dict:
+    """The run config a run in `out` was started with, marked to resume (`--resume OUT`)."""
+    import tomllib
+
+    out = Path(out)
+    path = out / "flwr" / "run-config.toml"
+    if not (out / "run.db").exists() or not path.exists():
+        raise FedmoeError(f"nothing to resume in {out}: no run.db / flwr/run-config.toml from `fedmoe coordinator start`")
+    config = tomllib.loads(path.read_text())
+    config.pop("out", None)
+    return config | {"resume": True}
 
 
 def _pump(proc: subprocess.Popen, logfile: Path, echo, found: dict) -> None:

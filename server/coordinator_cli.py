@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from fedmoe.shared.cli import add_json_flag, print_json
+from fedmoe.shared.cli import add_json_flag, add_short_round_flags, check_short_round_flags, print_json
 
 
 def register(sub) -> None:
@@ -16,7 +16,9 @@ def register(sub) -> None:
                                     "until the run ends, and stop the SuperLink. Sites join with `fedmoe site start`.")
     p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9093, help="SuperLink port: fleet, control and runtime APIs (default 9093)")
-    p.add_argument("--out", required=True, help="run folder to write (run.db, experts/, logs, flwr/)")
+    p.add_argument("--out", help="run folder to write (run.db, experts/, logs, flwr/)")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its newest verified round, with the run "
+                                                   "config it started with (the run-config flags are ignored)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     p.add_argument("--expected-sites", type=int, default=1, help="sites to wait for before the first round (default 1)")
     p.add_argument("--node-wait", type=float, default=120.0, help="seconds to wait for the expected sites (default 120)")
@@ -31,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--server-opt", default="none", choices=["none", "fedadam"], help="server-side optimizer on each expert")
     p.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
     p.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (default 1e-3)")
+    add_short_round_flags(p)
     p.add_argument("--model", help="base model directory (default: the built-in tiny model)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) if the run has not ended after this many seconds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication: loopback host only, for testing")
@@ -51,8 +54,16 @@ def register(sub) -> None:
 def cmd_coordinator_start(args) -> int:
     from pathlib import Path
 
-    from fedmoe.server.coordinator import Security, run_coordinator
+    from fedmoe.server.coordinator import Security, run_coordinator, stored_run_config
+    from fedmoe.server.faults import armed_faults
     from fedmoe.shared.errors import FedmoeError
+
+    armed_faults()  # FEDMOE_FAULT reaches the ServerApp: check it here, in one line
+    check_short_round_flags(args)
+    if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
+        raise FedmoeError("--resume OUT and --out name different folders: give one")
+    if not (args.resume or args.out):
+        raise FedmoeError("coordinator start needs --out DIR (or --resume DIR)")
 
     for flag, value, low in (("--rounds", args.rounds, 1), ("--expected-sites", args.expected_sites, 1),
                              ("--local-steps", args.local_steps, 1), ("--batch-size", args.batch_size, 1)):
@@ -68,7 +79,11 @@ def cmd_coordinator_start(args) -> int:
                   "local-steps": args.local_steps, "batch-size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "aggregation": args.aggregation, "round-timeout": args.round_timeout, "prox-mu": args.prox_mu,
                   "server-opt": args.server_opt, "server-lr": args.server_lr, "server-tau": args.server_tau,
-                  "model-path": str(Path(args.model).resolve()) if args.model else ""}
+                  "model-path": str(Path(args.model).resolve()) if args.model else "", "min-replies": args.min_replies,
+                  "short-round": args.short_round, "max-retries": args.max_retries}
+    if args.resume:
+        run_config, args.out = stored_run_config(args.resume), args.resume
+        args.rounds = int(run_config.get("rounds", args.rounds))
     echo = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
 
     def on_sigterm(signum, frame):  # stop the run and the SuperLink as Ctrl-C does

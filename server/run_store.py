@@ -13,6 +13,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from fedmoe.server.faults import fault_point
 from fedmoe.shared.delta import LoraDelta
 
 SCHEMA = """
@@ -89,10 +90,11 @@ class RunStore:
         ckpt_dir = self.run_dir / "checkpoints" / f"round-{rnd:04d}"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         files = {}
-        for name, delta in experts.items():
+        for i, (name, delta) in enumerate(experts.items()):
             path = ckpt_dir / f"{name}.safetensors"
-            delta.save(path)
+            delta.save(path, before_rename=(lambda: fault_point("checkpoint", rnd)) if i == 0 else None)
             files[name] = (str(path.relative_to(self.run_dir)), file_sha256(path))
+        fault_point("commit", rnd)
         with self.db:
             self.db.executemany(
                 "INSERT INTO participation VALUES (:round, :site, :node_id, :expert, :status, :loss, :num_examples, "

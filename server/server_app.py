@@ -13,8 +13,10 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe.server.experts import save_expert
+from fedmoe.server.faults import armed_faults
 from fedmoe.server.run_store import RunStore
-from fedmoe.server.strategy import SINGLE_EXPERT, DomainExpertStrategy, Node, StrategyConfig, send_round
+from fedmoe.server.strategy import (SINGLE_EXPERT, DomainExpertStrategy, Node, ShortRoundError, StrategyConfig,
+                                    send_round)
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
 from fedmoe.shared.runs import write_run_info
@@ -63,6 +65,7 @@ def query_sites(grid: Grid, node_ids: list[int], timeout: float) -> list[tuple[i
 
 def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
     out = Path(plan.out_dir)
+    armed_faults()  # a mistyped FEDMOE_FAULT fails here, not in the middle of a round
     fingerprint = model_fingerprint(plan.model_dir)
     spec = adapter_spec_for(plan.model_dir)
     strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint)
@@ -101,8 +104,12 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         store.begin_round(rnd)
         started = time.perf_counter()
         sent = strategy.configure_train(rnd)
-        replies = send_round(grid, sent, plan.strategy.round_timeout)
-        result = strategy.aggregate_train(rnd, sent, replies)
+        try:
+            replies, resends = strategy.collect_train(grid, rnd, sent)
+        except ShortRoundError:
+            store.finish_run("failed")
+            raise
+        result = strategy.aggregate_train(rnd, sent, replies, resends)
         store.commit_round(rnd, result.participation, result.metrics, result.rejections,
                            {e: strategy.expert_delta(e) for e in strategy.experts})
         for p in result.participation:
@@ -111,7 +118,9 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         for expert, m in result.metrics.items():
             nbytes = sum(p.get("bytes_in", 0) + p.get("bytes_out", 0) for p in result.participation if p["expert"] == expert)
             progress(f"round {rnd}/{plan.rounds}  {expert:<10} loss {m.get('train_loss', float('nan')):.3f}  "
-                     f"sites ok {int(m.get('sites_ok', 0))} failed {int(m.get('sites_failed', 0))}  {nbytes / 1e6:.2f} MB")
+                     f"sites ok {int(m.get('sites_ok', 0))} failed {int(m.get('sites_failed', 0))}  {nbytes / 1e6:.2f} MB"
+                     + (f"  re-sent {int(m['resends'])}" if m.get("resends") else "")
+                     + ("  short round: aggregated what arrived" if m.get("short_round") else ""))
         for r in result.rejections:
             progress(f"round {rnd}: rejected update from node {r['node_id']} ({r['expert']}): {r['reason']}")
         history.append({"round": rnd, "seconds": time.perf_counter() - started, "metrics": result.metrics})
@@ -141,6 +150,11 @@ def resume_experts(store: RunStore, strategy: DomainExpertStrategy, experts: lis
     for expert in saved:
         if expert in experts:
             strategy.restore(expert, store.checkpoint(expert, rnd))
+    if strategy.accountant is not None:
+        # The RDP accountant lives in memory: replay the Gaussian steps of the kept rounds
+        # (one per round that aggregated; the sample rate is fixed by the plan).
+        for _ in {m["round"] for m in store.metrics("dp_epsilon")}:
+            strategy.accountant.step(strategy.sample_rate(), strategy.steps_per_round())
     progress(f"resuming after round {rnd}" if rnd else "resuming: no verified round, starting from round 1")
     return rnd
 
@@ -151,7 +165,12 @@ def build_server_app(plan: FederationPlan | None = None, results: dict | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_federation(grid, plan or plan_from_run_config(context.run_config))
+        try:
+            summary = run_federation(grid, plan or plan_from_run_config(context.run_config))
+        except FedmoeError as exc:
+            if results is not None:
+                results["error"] = str(exc)  # the simulation's caller reports it in one line
+            raise
         if results is not None:
             results.update(summary)
 
@@ -167,10 +186,11 @@ def plan_from_run_config(cfg) -> FederationPlan:
         fraction=float(cfg.get("fraction", 1.0)), min_nodes=int(cfg.get("min-nodes", 1)),
         round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)),
         server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 3e-3)),
-        server_tau=float(cfg.get("server-tau", 1e-3)))
+        server_tau=float(cfg.get("server-tau", 1e-3)), min_replies=int(cfg.get("min-replies", 1)),
+        short_round=str(cfg.get("short-round", "proceed")), max_retries=int(cfg.get("max-retries", 1)))
     return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
                           rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),
-                          node_wait=float(cfg.get("node-wait", 120)), preset="deployed")
+                          node_wait=float(cfg.get("node-wait", 120)), preset="deployed", resume=bool(cfg.get("resume", False)))
 
 
 app = build_server_app()

@@ -5,6 +5,8 @@ expert sliced to its rank, collect replies within a deadline (late or failed nod
 are counted, never waited on forever), validate every reply (keys, shapes, dtypes,
 finite, norm bound, base fingerprint, checksum) and aggregate the accepted ones —
 exactly (Σ p_k s_k B_k A_k, re-factorized by truncated SVD) or naively (FedIT).
+A round short of `min_replies` accepted replies for an expert proceeds with what
+arrived, or re-sends to the missing sites first (`short_round`, `collect_train`).
 An optional `all` expert trained by every node gives the `fedavg_single` baseline.
 """
 
@@ -20,12 +22,14 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedmoe.server.aggregation import (LowRank, exact_lora_aggregate, initial_adapter, naive_lora_aggregate,
                                        to_site_delta)
+from fedmoe.server.faults import fault_point
 from fedmoe.shared import compression
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError
 
 SINGLE_EXPERT = "all"
 SERVER_OPTIMIZERS = ("none", "fedadam")
+SHORT_ROUND_POLICIES = ("proceed", "retry", "fail")
 
 
 @dataclass
@@ -52,6 +56,9 @@ class StrategyConfig:
     server_opt: str = "none"  # none | fedadam: server-side Adam on each expert's ΔW (fedmoe.server.server_optimizer)
     server_lr: float = 3e-3  # fedadam: step size (~ a typical |ΔW| entry change per round on the default model)
     server_tau: float = 1e-3  # fedadam: adaptivity (Adam's eps); steps are ~lr/tau x the pseudo-gradient where it is small
+    min_replies: int = 1  # accepted replies an expert needs per round (at most the sites sampled for it)
+    short_round: str = "proceed"  # proceed | retry | fail: what a round short of min_replies does at its deadline
+    max_retries: int = 1  # retry | fail: re-sends to the missing sites before proceeding | failing
 
 
 @dataclass
@@ -62,6 +69,10 @@ class Node:
     rank: int
     fingerprint: str
     num_examples: int
+
+
+class ShortRoundError(FedmoeError):
+    """A round ended with too few accepted replies under `short_round = "fail"`."""
 
 
 @dataclass
@@ -81,6 +92,10 @@ class DomainExpertStrategy:
         if cfg.server_opt != "none" and cfg.privacy != "none":
             raise FedmoeError(f"--server-opt {cfg.server_opt} re-factorizes each expert, which breaks the frozen shared A of "
                               f"--privacy {cfg.privacy}: use one or the other")
+        if cfg.short_round not in SHORT_ROUND_POLICIES:
+            raise FedmoeError(f"unknown short-round policy {cfg.short_round!r}: choose {', '.join(SHORT_ROUND_POLICIES)}")
+        if cfg.min_replies < 1 or cfg.max_retries < 0:
+            raise FedmoeError(f"min-replies must be >= 1 and max-retries >= 0, got {cfg.min_replies} and {cfg.max_retries}")
         self.cfg, self.spec, self.fingerprint = cfg, spec, fingerprint
         self.nodes: dict[int, Node] = {}
         self.experts: dict[str, dict[str, LowRank]] = {}
@@ -157,44 +172,106 @@ class DomainExpertStrategy:
                 out.append((expert, node, msg))
         return out
 
-    def aggregate_train(self, rnd: int, sent: list[tuple[str, Node, Message]], replies: list[Message | None]) -> RoundResult:
-        """`replies[i]` answers `sent[i]` (None: no reply by the deadline)."""
+    def read_reply(self, node: Node, msg: Message, reply: Message | None) -> tuple[str, str | None, tuple | None]:
+        """One reply, checked: ("ok", None, (delta, num_examples, metrics)), ("failed", reason, None)
+        for no reply or a site error, ("rejected", reason, None) for a reply that fails validation."""
+        if reply is None:
+            return "failed", "no reply before the round deadline", None
+        if reply.has_error():
+            return "failed", f"site error: {reply.error.reason}"[:300], None
+        try:
+            reply_cfg = reply.content["config"]
+            # A relative reply is the site's update to exactly what we sent it.
+            sent_adapter = (compression.decode(msg.content["arrays"], msg.content["config"])
+                            if reply_cfg.get("relative", False) else None)
+            delta = compression.decode(reply.content["arrays"], reply_cfg, base=sent_adapter)
+            if delta.rank != node.rank:
+                raise DeltaValidationError(f"rank {delta.rank} differs from the rank {node.rank} the site announced")
+            delta.validate(self.spec, self.fingerprint, self.cfg.max_update_norm, where=f"site {node.site}")
+            metrics = dict(reply.content["metrics"])
+            n = int(metrics.get("num-examples", 0))
+            if n <= 0:
+                raise DeltaValidationError(f"site {node.site}: num-examples must be positive, got {n}")
+        except (DeltaValidationError, KeyError) as exc:
+            return "rejected", str(exc) if isinstance(exc, DeltaValidationError) else f"reply lacks {exc}", None
+        return "ok", None, (delta, n, metrics)
+
+    def required_replies(self, sampled: int) -> int:
+        return min(self.cfg.min_replies, sampled)
+
+    def short_experts(self, sent: list[tuple[str, Node, Message]], status: list[str]) -> dict[str, tuple[int, int]]:
+        """Experts with fewer accepted replies than required: {expert: (accepted, required)}."""
+        counts: dict[str, list[int]] = {}
+        for (expert, _, _), st in zip(sent, status):
+            c = counts.setdefault(expert, [0, 0])
+            c[0] += st == "ok"
+            c[1] += 1
+        return {e: (ok, self.required_replies(n)) for e, (ok, n) in counts.items() if ok < self.required_replies(n)}
+
+    def collect_train(self, grid, rnd: int, sent: list[tuple[str, Node, Message]]) -> tuple[list[Message | None], list[int]]:
+        """The replies to `sent` (None: none came) and how often each message was re-sent.
+
+        Every attempt waits at most `round_timeout`. An expert left with fewer than
+        `min_replies` accepted replies is short: under `retry` and `fail` the messages of
+        its sites that did not deliver are sent again, unchanged (same adapter, same seed:
+        a retried reply is the one that was lost), to those still connected, up to
+        `max_retries` times; then `fail` raises ShortRoundError and the others aggregate
+        what arrived. So a round lasts at most (1 + max_retries) x round_timeout."""
+        replies = send_round(grid, sent, self.cfg.round_timeout, on_first_reply=lambda: fault_point("train", rnd))
+        status = [self.read_reply(node, msg, r)[0] for (_, node, msg), r in zip(sent, replies)]
+        resends, made = [0] * len(sent), 0
+        attempts = self.cfg.max_retries if self.cfg.short_round != "proceed" else 0
+        for attempt in range(1, attempts + 1):
+            if not (short := self.short_experts(sent, status)):
+                break
+            online = set(grid.get_node_ids())
+            again = [i for i, (expert, node, _) in enumerate(sent)
+                     if expert in short and status[i] != "ok" and node.node_id in online]
+            if not again:
+                break
+            made = attempt
+            fresh = [(sent[i][0], sent[i][1], Message(sent[i][2].content, dst_node_id=sent[i][1].node_id,
+                                                      message_type=sent[i][2].metadata.message_type)) for i in again]
+            for i, reply in zip(again, send_round(grid, fresh, self.cfg.round_timeout)):
+                replies[i], resends[i] = reply, attempt
+                status[i] = self.read_reply(sent[i][1], sent[i][2], reply)[0]
+        if self.cfg.short_round == "fail" and (short := self.short_experts(sent, status)):
+            raise ShortRoundError("round {}: too few accepted replies ({}) after {} re-send(s); stopping "
+                                  "(short-round fail); the committed rounds can be resumed".format(
+                                      rnd, ", ".join(f"{e} {ok} of {need}" for e, (ok, need) in sorted(short.items())),
+                                      made))
+        return replies, resends
+
+    def aggregate_train(self, rnd: int, sent: list[tuple[str, Node, Message]], replies: list[Message | None],
+                        resends: list[int] | None = None) -> RoundResult:
+        """`replies[i]` answers `sent[i]` (None: no reply by the deadline), after `resends[i]`
+        re-sends (collect_train)."""
         result = RoundResult()
         accepted: dict[str, list[tuple[LoraDelta, float, dict]]] = {}
         sent_of: dict[int, tuple[Node, LoraDelta]] = {}  # id(reply delta) -> (node, adapter we sent)
-        for (expert, node, msg), reply in zip(sent, replies):
-            bytes_out = compression.record_bytes(msg.content["arrays"])
+        resends = resends or [0] * len(sent)
+        sampled: dict[str, int] = {}
+        for (expert, node, msg), reply, k in zip(sent, replies, resends):
+            sampled[expert] = sampled.get(expert, 0) + 1
+            bytes_out = compression.record_bytes(msg.content["arrays"]) * (1 + k)
             row = {"site": node.site, "node_id": node.node_id, "expert": expert, "bytes_out": bytes_out}
-            if reply is None:
-                result.participation.append(row | {"status": "failed", "reason": "no reply before the round deadline"})
-                continue
-            if reply.has_error():
-                result.participation.append(row | {"status": "failed", "reason": f"site error: {reply.error.reason}"[:300]})
-                continue
-            try:
-                reply_cfg = reply.content["config"]
-                # A relative reply is the site's update to exactly what we sent it.
-                sent_adapter = (compression.decode(msg.content["arrays"], msg.content["config"])
-                                if reply_cfg.get("relative", False) else None)
-                delta = compression.decode(reply.content["arrays"], reply_cfg, base=sent_adapter)
-                if delta.rank != node.rank:
-                    raise DeltaValidationError(f"rank {delta.rank} differs from the rank {node.rank} the site announced")
-                delta.validate(self.spec, self.fingerprint, self.cfg.max_update_norm, where=f"site {node.site}")
-                metrics = dict(reply.content["metrics"])
-                n = int(metrics.get("num-examples", 0))
-                if n <= 0:
-                    raise DeltaValidationError(f"site {node.site}: num-examples must be positive, got {n}")
-            except (DeltaValidationError, KeyError) as exc:
-                reason = str(exc) if isinstance(exc, DeltaValidationError) else f"reply lacks {exc}"
+            status, reason, payload = self.read_reply(node, msg, reply)
+            if k:
+                reason = f"{reason} (after {k} re-send(s))" if reason else f"delivered after {k} re-send(s)"
+            if status == "rejected":
                 result.rejections.append({"site": node.site, "node_id": node.node_id, "expert": expert, "reason": reason})
-                result.participation.append(row | {"status": "rejected", "reason": reason})
+            if status != "ok":
+                result.participation.append(row | {"status": status, "reason": reason})
                 continue
-            result.participation.append(row | {"status": "ok", "loss": metrics.get("train-loss"), "num_examples": n,
+            delta, n, metrics = payload
+            result.participation.append(row | {"status": "ok", "loss": metrics.get("train-loss"), "num_examples": n, "reason": reason,
                                                "bytes_in": compression.record_bytes(reply.content["arrays"]), "seconds": metrics.get("seconds")})
             accepted.setdefault(expert, []).append((delta, float(n), metrics))
             sent_of[id(delta)] = (node, compression.decode(msg.content["arrays"], msg.content["config"]))
         accepted = self.screen(accepted, sent_of, result)
-        for expert, items in accepted.items():
+        for i, (expert, items) in enumerate(accepted.items()):
+            if i > 0:
+                fault_point("aggregate", rnd)  # an expert of the round aggregated in memory, the next not yet
             updates = [(d, w) for d, w, _ in items]
             if self.privacy.frozen_a:
                 if (aggregated := self.frozen_a_round(expert, items, sent_of, result)) is None:
@@ -213,13 +290,20 @@ class DomainExpertStrategy:
                 "sites_ok": len(items),
                 "update_norm": self.expert_delta(expert).update_norm(),
             }
+        if len(accepted) == 1:
+            fault_point("aggregate", rnd)
         if self.accountant is not None and accepted:
             self.accountant.step(self.sample_rate(), self.steps_per_round())
             for expert in accepted:
                 result.metrics[expert]["dp_epsilon"] = self.accountant.epsilon()
         for expert in self.groups():
             failed = sum(1 for p in result.participation if p["expert"] == expert and p["status"] != "ok")
-            result.metrics.setdefault(expert, {})["sites_failed"] = failed
+            m = result.metrics.setdefault(expert, {})
+            m["sites_failed"] = failed
+            if n_resent := sum(k for (e, _, _), k in zip(sent, resends) if e == expert):
+                m["resends"] = n_resent
+            if expert in sampled and len(accepted.get(expert, [])) < self.required_replies(sampled[expert]):
+                m["short_round"] = 1.0  # fewer accepted replies than min-replies: aggregated what arrived
         return result
 
     def aggregate(self, updates: list[tuple[LoraDelta, float]], rank: int) -> dict[str, LowRank]:
@@ -327,9 +411,10 @@ class DomainExpertStrategy:
                                 for m in delta.modules() for a, b in [delta.factors(m)]}
 
 
-def send_round(grid, sent: list[tuple[str, Node, Message]], timeout: float) -> list[Message | None]:
+def send_round(grid, sent: list[tuple[str, Node, Message]], timeout: float, on_first_reply=None) -> list[Message | None]:
     """Send and collect replies until all are in or `timeout` passes; never blocks longer.
-    Returns the reply (or None) for each sent message, in order."""
+    Returns the reply (or None) for each sent message, in order. `on_first_reply()` runs
+    once, when the first reply is in (a fault-injection point)."""
     ids = list(grid.push_messages([m for _, _, m in sent]))
     pending, replies = set(ids), {}
     deadline = time.monotonic() + timeout
@@ -339,6 +424,9 @@ def send_round(grid, sent: list[tuple[str, Node, Message]], timeout: float) -> l
             if mid in pending:
                 pending.discard(mid)
                 replies[mid] = reply
+        if replies and on_first_reply is not None:
+            on_first_reply, hook = None, on_first_reply
+            hook()
         if pending:
             time.sleep(0.1)
     return [replies.get(mid) for mid in ids]

@@ -147,14 +147,17 @@ class LoraDelta:
         return delta
 
     # -- safetensors -----------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write a safetensors file atomically (write, then rename)."""
+    def save(self, path: str | Path, before_rename=None) -> None:
+        """Write a safetensors file atomically (write, then rename). `before_rename()`, if
+        given, runs between the two (a fault-injection point of the run store)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         meta = {"rank": str(self.rank), "alpha": repr(self.alpha), "base_fingerprint": self.base_fingerprint, "checksum": self.checksum()}
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=meta)
+        if before_rename is not None:
+            before_rename()
         tmp.replace(path)
 
     @classmethod

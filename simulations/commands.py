@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmoe.shared.cli import add_json_flag, print_json
+from fedmoe.shared.cli import add_json_flag, add_short_round_flags, check_short_round_flags, print_json
 
 
 def register(sub) -> None:
@@ -44,6 +44,7 @@ def register(sub) -> None:
                    help="server-side optimizer on each expert's aggregate (default none: the aggregate is the expert)")
     s.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
     s.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (Adam's eps, default 1e-3)")
+    add_short_round_flags(s)
     add_json_flag(s)
     s.set_defaults(func=cmd_simulate)
     register_bench(sub)
@@ -64,9 +65,12 @@ def cmd_make_suite(args) -> int:
 
 
 def cmd_simulate(args) -> int:
+    from fedmoe.server.faults import armed_faults
     from fedmoe.shared.errors import FedmoeError
     from fedmoe.simulations.simulate import report_table, resume_args, simulate
 
+    armed_faults()  # FEDMOE_FAULT (crash tests): a typo is a one-line error before anything starts
+    check_short_round_flags(args)
     if args.resume:
         report = simulate(out=args.resume, resume=True, **resume_args(args.resume))
         args.out = args.resume
@@ -78,7 +82,8 @@ def cmd_simulate(args) -> int:
                           chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier, clip=args.clip,
                           epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia,
                           prox_mu=args.prox_mu, server_opt=args.server_opt, server_lr=args.server_lr,
-                          server_tau=args.server_tau)
+                          server_tau=args.server_tau, min_replies=args.min_replies, short_round=args.short_round,
+                          max_retries=args.max_retries)
     if args.json:
         print_json(report)
     else:
@@ -99,6 +104,7 @@ BENCHMARKS = {
     "comm": ("fedmoe.simulations.benchmarks.comm", "adapter bytes per site per round and accuracy: fp32 vs fp16 vs int8 deltas"),
     "aggregate": ("fedmoe.simulations.benchmarks.aggregate", "exact (streaming, QR) vs naive aggregation of N sites: time, peak memory"),
     "overhead": ("fedmoe.simulations.benchmarks.overhead", "fedmoe simulate wall time vs the sites' pure local training time"),
+    "resume": ("fedmoe.simulations.benchmarks.resume", "a simulation SIGKILLed K times and resumed vs one never killed: same numbers?"),
 }
 
 

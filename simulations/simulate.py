@@ -52,6 +52,8 @@ def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
     backend_config["init_args"] = init_args
     run_simulation(server_app=build_server_app(plan, results), client_app=build_client_app(site_plan),
                    num_supernodes=len(site_plan), backend_config=backend_config)
+    if "error" in results:
+        raise FedmoeError(results["error"])
     if "experts" not in results:
         raise FedmoeError(f"the federation did not finish; see the log above and {plan.out_dir}/run.db")
     return results
@@ -86,7 +88,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              compression: str = "none", resume: bool = False, robust: str = "none", chaos: str | None = None,
              privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
              dp_delta: float = 1e-5, mia: bool = True, moe: bool = True, prox_mu: float = 0.0, server_opt: str = "none",
-             server_lr: float = 3e-3, server_tau: float = 1e-3) -> dict:
+             server_lr: float = 3e-3, server_tau: float = 1e-3, min_replies: int = 1, short_round: str = "proceed",
+             max_retries: int = 1) -> dict:
     import torch
 
     from fedmoe.server.server_app import FederationPlan
@@ -115,7 +118,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              "ray_address": ray_address, "baselines": baselines, "moe": moe, "compression": compression, "robust": robust,
              "chaos": chaos, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
              "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia, "prox_mu": prox_mu,
-             "server_opt": server_opt, "server_lr": server_lr, "server_tau": server_tau}, indent=2))
+             "server_opt": server_opt, "server_lr": server_lr, "server_tau": server_tau, "min_replies": min_replies,
+             "short_round": short_round, "max_retries": max_retries}, indent=2))
     model_dir = ensure_default_model()
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
@@ -135,7 +139,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
                               aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
                               robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
                               dp_delta=dp_delta, epsilon_budget=epsilon_budget, prox_mu=prox_mu, server_opt=server_opt,
-                              server_lr=server_lr, server_tau=server_tau)
+                              server_lr=server_lr, server_tau=server_tau, min_replies=min_replies,
+                              short_round=short_round, max_retries=max_retries)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     stages = StageClock()

@@ -66,6 +66,18 @@ def smoke_run(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def fed_smoke_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """`fedmoe simulate --preset smoke --rounds 2 --no-baselines --no-moe --no-mia`: the
+    federation alone, uninterrupted; the reference of the crash tests."""
+    from fedmoe.simulations.benchmarks.resume import run_simulate, simulate_cmd
+
+    out = tmp_path_factory.mktemp("runs") / "fed-smoke"
+    r = run_simulate(simulate_cmd(out, rounds=2), timeout=900)
+    assert r["returncode"] == 0, r["stderr"][-3000:]
+    return out
+
+
 @pytest.fixture
 def flower_task_identity():
     """Flower stamps every Message with the run it belongs to; outside a run (unit tests
