@@ -92,6 +92,9 @@ class BaselineWorker:
             raise FedmoeError(f"baselines failed: {payload}")
         return payload
 
+    def running(self) -> bool:
+        return self.process.is_alive() and not self._conn.poll()
+
     def stop(self) -> None:
         if self.process.is_alive():
             self.process.terminate()
@@ -99,9 +102,14 @@ class BaselineWorker:
 
 
 def _worker_main(conn, model_dir: str, quant: str, suite: str, cfg: dict) -> None:
+    import os
+
     import torch
 
     torch.set_num_threads(1)
+    # As nice as Ray makes the simulation's actors (RAY_worker_niceness, 15): the worker
+    # shares the cores with the federation instead of starving it.
+    os.nice(max(0, int(os.environ.get("RAY_worker_niceness", 15)) - os.nice(0)))
     try:
         conn.send(("ok", run_baselines(model_dir, quant, suite, cfg)))
     except Exception as exc:  # sent back whole: the parent reports it in one line

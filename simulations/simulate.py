@@ -156,7 +156,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
             results = run_flower(plan, site_plan, ray_address)
         fed_seconds = stages.seconds["federation"]
         threads = torch.get_num_threads()
-        if worker:  # one core stays the baseline worker's while it runs
+        if worker and worker.running():  # one core stays the baseline worker's while it runs
             torch.set_num_threads(1)
 
         counts = {d: sum(1 for r in mixed if r.domain == d) for d in sorted({r.domain for r in mixed})}
