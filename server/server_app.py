@@ -98,9 +98,14 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
             break
         store.begin_round(rnd)
         started = time.perf_counter()
-        sent = strategy.configure_train(rnd)
-        replies = send_round(grid, sent, plan.strategy.round_timeout)
-        result = strategy.aggregate_train(rnd, sent, replies)
+        if plan.strategy.privacy == "secagg":
+            from fedmoe.server.secagg import secagg_round
+
+            result = secagg_round(grid, strategy, rnd)
+        else:
+            sent = strategy.configure_train(rnd)
+            replies = send_round(grid, sent, plan.strategy.round_timeout)
+            result = strategy.aggregate_train(rnd, sent, replies)
         store.commit_round(rnd, result.participation, result.metrics, result.rejections,
                            {e: strategy.expert_delta(e) for e in strategy.experts})
         for p in result.participation:

@@ -129,16 +129,19 @@ class DomainExpertStrategy:
     def train_seed(self, rnd: int, node: Node) -> int:
         return zlib.crc32(f"{self.cfg.seed}/{rnd}/{node.site}".encode()) % (2**31)
 
+    def train_config(self, rnd: int, expert: str, node: Node) -> dict:
+        """What a site needs besides the adapter to train `expert` in round `rnd`."""
+        return {"compression": self.cfg.compression, "expert": expert, "round": rnd, "steps": self.cfg.local_steps,
+                "batch-size": self.cfg.batch_size, "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
+                "prox-mu": self.cfg.prox_mu} | self.privacy_train_config()
+
     def configure_train(self, rnd: int) -> list[tuple[str, Node, Message]]:
         out = []
         for expert, nodes in self.groups().items():
             for node in self.sample(nodes, rnd, expert):
                 delta = self.expert_for_rank(expert, node.rank)
                 arrays, meta, _ = compression.encode(delta, self.cfg.compression)
-                config = ConfigRecord(dict(meta) | {"compression": self.cfg.compression,
-                    "expert": expert, "round": rnd, "steps": self.cfg.local_steps, "batch-size": self.cfg.batch_size,
-                    "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
-                    "prox-mu": self.cfg.prox_mu} | self.privacy_train_config())
+                config = ConfigRecord(dict(meta) | self.train_config(rnd, expert, node))
                 msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node.node_id, message_type="train")
                 out.append((expert, node, msg))
         return out
@@ -243,7 +246,10 @@ class DomainExpertStrategy:
     def privacy_train_config(self) -> dict:
         if not self.privacy.frozen_a:
             return {}
-        return {"freeze-a": True} | ({"dp-clip": float(self.privacy.clip)} if self.privacy.mode == "dp" else {})
+        # `dp-clip` bounds the site's update norm: in dp for the noise's sensitivity, in secagg so
+        # that every coordinate lies inside SecAgg+'s clipping range (fedmoe.server.secagg).
+        clipped = self.privacy.mode in ("dp", "secagg")
+        return {"freeze-a": True} | ({"dp-clip": float(self.privacy.clip)} if clipped else {})
 
     def sample_rate(self) -> float:
         """The fraction of a domain's sites sampled per round (the accountant's q; at most 1)."""

@@ -32,10 +32,11 @@ def register(sub) -> None:
                    help="robust aggregation: norm = outlier rejection + norm bounding (exact); trimmed-mean/median "
                         "= coordinate-wise on factors (default none)")
     s.add_argument("--chaos", metavar="SPEC", help='faulty sites, e.g. "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"')
-    s.add_argument("--privacy", default="none", choices=["none", "ffa", "dp"],
-                   help="ffa: frozen shared A (FFA-LoRA); dp: ffa + site clipping + Gaussian noise + RDP accounting")
+    s.add_argument("--privacy", default="none", choices=["none", "ffa", "dp", "secagg"],
+                   help="ffa: frozen shared A (FFA-LoRA); dp: ffa + site clipping + Gaussian noise + RDP accounting; "
+                        "secagg: ffa + site clipping, per-domain sums through Flower's SecAgg+")
     s.add_argument("--noise-multiplier", type=float, default=1.0, help="dp: noise std / clip (default 1.0)")
-    s.add_argument("--clip", type=float, default=1.0, help="dp: site update norm bound C (default 1.0)")
+    s.add_argument("--clip", type=float, default=1.0, help="dp, secagg: site update norm bound C (default 1.0)")
     s.add_argument("--epsilon-budget", type=float, help="dp: stop before a round that would exceed this epsilon")
     s.add_argument("--dp-delta", type=float, default=1e-5, help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
     s.add_argument("--no-mia", action="store_true", help="skip the membership-inference check in the report")

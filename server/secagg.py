@@ -1,0 +1,168 @@
+"""Secure aggregation (`--privacy secagg`): each domain expert's round is one run of
+Flower's SecAgg+ protocol (`flwr.server.workflow.SecAggPlusWorkflow`) over that
+domain's sampled sites, so the coordinator learns only per-domain aggregates.
+
+Why this is exact: sites train B only, against the expert's frozen shared A (FFA-LoRA),
+and send u_k = s (B_k - B_0) zero-padded to the expert's rank (fedmoe.client.secagg).
+ΔW is linear in B, so the weighted mean Σ p_k u_k that SecAgg+ reveals *is* the update
+`frozen_a_aggregate` computes in plaintext (`--privacy ffa`), up to SecAgg+'s quantization.
+
+Weighting: the workflow itself uploads [w_k, w_k u_k] masked, with w_k = num-examples /
+`max_weight`, and divides the unmasked sums — p_k = n_k / Σ n, the same weights as the
+plaintext modes. `max_weight` is the largest num-examples the group's sites announced
+(so every w_k ≤ 1 and no site's weighted update leaves the clipping range).
+
+Quantization: SecAgg+ clips each coordinate to [-c, c] and maps it to an integer in
+[0, Q). Sites clip ||u_k|| ≤ C (`--clip`, all modules together), so |every coordinate|
+≤ C and c = C never clips. Q is the largest power of two ≤ 2^28 with n Q ≤ 2^30 (the
+masked sums live modulo 2^32), so the aggregate's error per coordinate is below
+n · 2C / Q (stochastic rounding, unbiased): 1.5e-8 C for a pair of sites.
+
+The protocol is Flower's, driven here round by round: a `LegacyContext` whose strategy
+(`DomainSum`) hands out one FitIns per sampled node (the expert at the node's rank) and
+receives, in `aggregate_fit`, results whose parameters have already been replaced by the
+unmasked aggregate. A group needs at least 2 sampled sites (SecAgg+'s minimum; with
+exactly 2, each site could subtract its own update from the next round's expert). Per-site
+metrics (num-examples, train loss) travel in plaintext beside the masked vector, and the
+coordinator cannot screen single updates (robust aggregation does not apply).
+Domains run one after the other; a stage waits at most `round-timeout`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from fedmoe.shared.errors import DeltaValidationError, FedmoeError
+
+RECONSTRUCTION_THRESHOLD = 2 / 3  # of the shares; > 1/2 so the server can never rebuild both a site's masks
+
+
+def quantization_range(num_sites: int) -> int:
+    """The largest power of two ≤ 2^28 (Flower quantizes to int32) with n Q ≤ 2^30: the
+    masked sums live modulo 2^32, and n values below Q each never wrap."""
+    return 2 ** min(28, 30 - math.ceil(math.log2(max(num_sites, 2))))
+
+
+def quantization_tolerance(num_sites: int, clip: float, weight_sum: float = 1.0) -> float:
+    """Bound on |SecAgg+ mean - plaintext weighted mean| per coordinate: each site's
+    coordinate is off by less than one step 2C/Q; the sum is divided by Σ w_k (≥ 1 when
+    the heaviest site took part)."""
+    return num_sites * 2 * clip / quantization_range(num_sites) / weight_sum
+
+
+class DomainSum(Strategy):
+    """The legacy strategy of one SecAgg+ aggregation (one expert, one round)."""
+
+    def __init__(self, grid, fitins: dict[int, FitIns]):
+        self.grid, self.fitins = grid, fitins
+        self.aggregate: list[np.ndarray] | None = None
+        self.results: dict[int, dict] = {}
+        self.failures: list = []
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        run_id = self.grid.run.run_id
+        return [(GridClientProxy(nid, self.grid, run_id), ins) for nid, ins in self.fitins.items()]
+
+    def aggregate_fit(self, server_round, results, failures):
+        # The workflow has put the unmasked aggregate into every result's parameters.
+        self.failures = list(failures)
+        self.results = {proxy.node_id: {"num-examples": res.num_examples, **res.metrics} for proxy, res in results}
+        if not results:
+            return None, {}
+        self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        return results[0][1].parameters, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def secure_mean(grid, rnd: int, fitins: dict[int, FitIns], clip: float, max_weight: float, timeout: float) -> DomainSum:
+    """One SecAgg+ run over the nodes in `fitins`; the returned strategy holds what the
+    coordinator learned: the weighted mean (`aggregate`, None if the protocol halted)
+    and each site's plaintext metrics."""
+    strategy = DomainSum(grid, fitins)
+    context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            strategy=strategy, client_manager=SimpleClientManager())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # each node's FitIns carries its own slice
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=RECONSTRUCTION_THRESHOLD, max_weight=float(max_weight),
+                                  clipping_range=float(clip), quantization_range=quantization_range(len(fitins)), timeout=timeout)
+    workflow(grid, context)
+    return strategy
+
+
+def secagg_round(grid, strategy, rnd: int):
+    """A training round of `DomainExpertStrategy` in secagg mode: one SecAgg+ run per
+    expert; the expert becomes `frozen_a_aggregate(current, A_0, [(mean, 1)])`."""
+    from fedmoe.server.privacy import frozen_a_aggregate
+    from fedmoe.shared.fitins import adapter_to_fitins, update_from_arrays
+    from fedmoe.server.strategy import RoundResult
+
+    result = RoundResult()
+    for expert, nodes in strategy.groups().items():
+        sampled = strategy.sample(nodes, rnd, expert)
+        if len(sampled) < 2:
+            raise FedmoeError(f"secure aggregation needs at least 2 sites per expert; {expert!r} has {len(sampled)} this round")
+        r_max = strategy.max_rank(expert)
+        fitins, rows = {}, {}
+        for node in sampled:
+            delta = strategy.expert_for_rank(expert, node.rank)
+            fitins[node.node_id] = adapter_to_fitins(delta, strategy.train_config(rnd, expert, node) | {"secagg-rank": r_max})
+            rows[node.node_id] = {"site": node.site, "node_id": node.node_id, "expert": expert, "bytes_out": delta.num_bytes()}
+        started = time.perf_counter()
+        summed = secure_mean(grid, rnd, fitins, strategy.privacy.clip, max(n.num_examples for n in sampled),
+                             strategy.cfg.round_timeout)
+        seconds = time.perf_counter() - started
+        mean = None
+        if summed.aggregate is not None:
+            try:
+                mean = update_from_arrays(summed.aggregate, strategy.init_adapter(r_max), r_max)
+            except DeltaValidationError as exc:
+                reason = f"secure aggregate of {expert!r}: {exc}"
+                result.rejections.append({"site": "*", "node_id": 0, "expert": expert, "reason": reason})
+        for nid, row in rows.items():
+            m = summed.results.get(nid)
+            if m is None or mean is None:
+                why = "no masked update before the deadline" if m is None else "the secure aggregate was rejected"
+                if summed.aggregate is None:
+                    why = "secure aggregation halted (too few sites answered a SecAgg+ stage)"
+                result.participation.append(row | {"status": "failed", "reason": why})
+            else:
+                result.participation.append(row | {"status": "ok", "loss": m.get("train-loss"),
+                                                   "num_examples": int(m["num-examples"]), "seconds": seconds})
+        if mean is None:
+            continue
+        strategy.experts[expert] = frozen_a_aggregate(strategy.experts.get(expert), strategy.init_adapter(r_max), [(mean, 1.0)],
+                                                      strategy.cfg.alpha_per_rank)
+        strategy.restore(expert, strategy.expert_delta(expert))
+        ok = list(summed.results.values())
+        total = sum(m["num-examples"] for m in ok)
+        weight_sum = total / max(n.num_examples for n in sampled)
+        result.metrics[expert] = {"train_loss": sum(m.get("train-loss", 0.0) * m["num-examples"] for m in ok) / total,
+                                  "sites_ok": len(ok), "update_norm": strategy.expert_delta(expert).update_norm(),
+                                  "secagg_tolerance": quantization_tolerance(len(sampled), strategy.privacy.clip, weight_sum)}
+    for expert in strategy.groups():
+        failed = sum(1 for p in result.participation if p["expert"] == expert and p["status"] != "ok")
+        result.metrics.setdefault(expert, {})["sites_failed"] = failed
+    return result
