@@ -36,7 +36,8 @@ def adapter_from_fitins(fitins: FitIns) -> tuple[LoraDelta, dict]:
 
 
 def update_to_parameters(update: dict[str, torch.Tensor]) -> Parameters:
-    return ndarrays_to_parameters([update[m].float().numpy() for m in sorted(update)])
+    # float64: SecAgg+ quantizes (u + c) Q / 2c; in float32 adding c alone costs 3e-8 c.
+    return ndarrays_to_parameters([update[m].double().numpy() for m in sorted(update)])
 
 
 def update_from_arrays(arrays: list[np.ndarray], a0: LoraDelta, r_max: int) -> dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ def secagg_run(tmp_path_factory, tiny_model_dir):
     site_plan = [{"data-path": str(root / "suite" / f"site-0{i}"), "rank": rank, "quant": "none", "model-path": str(tiny_model_dir)}
                  for i, rank in enumerate((4, 8, 8))]
     plan = FederationPlan(model_dir=str(tiny_model_dir), out_dir=str(root / "run"), rounds=1, expected_nodes=3,
-                          strategy=StrategyConfig(local_steps=2, batch_size=4, privacy="secagg", clip=CLIP, round_timeout=300))
+                          strategy=StrategyConfig(local_steps=1, batch_size=4, privacy="secagg", clip=CLIP, round_timeout=300))
     grids: list[RecordingGrid] = []
     results: dict = {}
     app = ServerApp()
