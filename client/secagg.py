@@ -45,8 +45,11 @@ def fit_reply(msg: Message, train) -> Message:
 
 def masked_input(content, train) -> FitRes:
     """The FitRes `secaggplus_mod` quantizes and masks: the site's update u_k, padded."""
+    import torch
+
     from fedmoe.shared import compression
     from fedmoe.shared.delta import b_update
+    from fedmoe.shared.errors import DeltaValidationError
     from fedmoe.shared.fitins import adapter_from_fitins, update_to_parameters
 
     received, cfg = adapter_from_fitins(compat.recorddict_to_fitins(content, keep_input=True))
@@ -54,4 +57,8 @@ def masked_input(content, train) -> FitRes:
     out_arrays, out_meta, metrics = train(arrays, ConfigRecord(cfg | dict(meta) | {"compression": "none"}))
     trained = compression.decode(out_arrays, out_meta, base=received if out_meta.get("relative", False) else None)
     update = b_update(trained, received, int(cfg["secagg-rank"]))
+    if not all(bool(torch.isfinite(u).all()) for u in update.values()):
+        # SecAgg+ would quantize NaN to garbage the coordinator cannot see: fail this site's
+        # stage instead (the protocol then drops the site and unmasks the others' sum).
+        raise DeltaValidationError("the trained update is not finite; not sending it to secure aggregation")
     return FitRes(Status(Code.OK, ""), update_to_parameters(update), int(metrics["num-examples"]), dict(metrics))

@@ -48,6 +48,8 @@ APP_CONFIG: dict = {
     "node-wait": 120.0,
     "out": "runs/deployed",
     "model-path": "",
+    "privacy": "none",
+    "clip": 1.0,
 }
 
 

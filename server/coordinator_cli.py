@@ -28,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--round-timeout", type=float, default=900.0,
                    help="seconds a round waits for its sites; late or dead sites are counted as failed (default 900)")
     p.add_argument("--model", help="base model directory (default: the built-in tiny model)")
+    p.add_argument("--privacy", default="none", choices=["none", "ffa", "secagg"],
+                   help="ffa: frozen shared A (FFA-LoRA); secagg: ffa + site clipping, per-domain sums through "
+                        "Flower's SecAgg+ (needs 2+ sites per domain) (default none)")
+    p.add_argument("--clip", type=float, default=1.0, help="secagg: site update norm bound C (default 1.0)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) if the run has not ended after this many seconds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication: loopback host only, for testing")
     p.add_argument("--ssl-ca-certfile", help="CA certificate (PEM) the sites trust")
@@ -56,6 +60,8 @@ def cmd_coordinator_start(args) -> int:
             raise FedmoeError(f"{flag} must be >= {low}, got {value}")
     if args.round_timeout <= 0:
         raise FedmoeError(f"--round-timeout must be positive, got {args.round_timeout}")
+    if not args.clip > 0:
+        raise FedmoeError(f"--clip must be > 0, got {args.clip}")
     if args.model and not Path(args.model).is_dir():
         raise FedmoeError(f"--model: folder not found: {args.model}")
     sec = Security(insecure=args.insecure, ca_certfile=args.ssl_ca_certfile, certfile=args.ssl_certfile,
@@ -63,7 +69,8 @@ def cmd_coordinator_start(args) -> int:
     run_config = {"rounds": args.rounds, "expected-sites": args.expected_sites, "node-wait": args.node_wait,
                   "local-steps": args.local_steps, "batch-size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "aggregation": args.aggregation, "round-timeout": args.round_timeout,
-                  "model-path": str(Path(args.model).resolve()) if args.model else ""}
+                  "model-path": str(Path(args.model).resolve()) if args.model else "",
+                  "privacy": args.privacy, "clip": args.clip}
     echo = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
 
     def on_sigterm(signum, frame):  # stop the run and the SuperLink as Ctrl-C does

@@ -114,9 +114,7 @@ def secure_mean(grid, rnd: int, fitins: dict[int, FitIns], clip: float, max_weig
 
 def secagg_round(grid, strategy, rnd: int):
     """A training round of `DomainExpertStrategy` in secagg mode: one SecAgg+ run per
-    expert; the expert becomes `frozen_a_aggregate(current, A_0, [(mean, 1)])`."""
-    from fedmoe.server.privacy import frozen_a_aggregate
-    from fedmoe.shared.fitins import adapter_to_fitins, update_from_arrays
+    expert over its sampled sites. Returns the round's `RoundResult`."""
     from fedmoe.server.strategy import RoundResult
 
     result = RoundResult()
@@ -124,45 +122,60 @@ def secagg_round(grid, strategy, rnd: int):
         sampled = strategy.sample(nodes, rnd, expert)
         if len(sampled) < 2:
             raise FedmoeError(f"secure aggregation needs at least 2 sites per expert; {expert!r} has {len(sampled)} this round")
-        r_max = strategy.max_rank(expert)
-        fitins, rows = {}, {}
-        for node in sampled:
-            delta = strategy.expert_for_rank(expert, node.rank)
-            fitins[node.node_id] = adapter_to_fitins(delta, strategy.train_config(rnd, expert, node) | {"secagg-rank": r_max})
-            rows[node.node_id] = {"site": node.site, "node_id": node.node_id, "expert": expert, "bytes_out": delta.num_bytes()}
-        started = time.perf_counter()
-        summed = secure_mean(grid, rnd, fitins, strategy.privacy.clip, max(n.num_examples for n in sampled),
-                             strategy.cfg.round_timeout)
-        seconds = time.perf_counter() - started
-        mean = None
-        if summed.aggregate is not None:
-            try:
-                mean = update_from_arrays(summed.aggregate, strategy.init_adapter(r_max), r_max)
-            except DeltaValidationError as exc:
-                reason = f"secure aggregate of {expert!r}: {exc}"
-                result.rejections.append({"site": "*", "node_id": 0, "expert": expert, "reason": reason})
-        for nid, row in rows.items():
-            m = summed.results.get(nid)
-            if m is None or mean is None:
-                why = "no masked update before the deadline" if m is None else "the secure aggregate was rejected"
-                if summed.aggregate is None:
-                    why = "secure aggregation halted (too few sites answered a SecAgg+ stage)"
-                result.participation.append(row | {"status": "failed", "reason": why})
-            else:
-                result.participation.append(row | {"status": "ok", "loss": m.get("train-loss"),
-                                                   "num_examples": int(m["num-examples"]), "seconds": seconds})
-        if mean is None:
-            continue
-        strategy.experts[expert] = frozen_a_aggregate(strategy.experts.get(expert), strategy.init_adapter(r_max), [(mean, 1.0)],
-                                                      strategy.cfg.alpha_per_rank)
-        strategy.restore(expert, strategy.expert_delta(expert))
-        ok = list(summed.results.values())
-        total = sum(m["num-examples"] for m in ok)
-        weight_sum = total / max(n.num_examples for n in sampled)
-        result.metrics[expert] = {"train_loss": sum(m.get("train-loss", 0.0) * m["num-examples"] for m in ok) / total,
-                                  "sites_ok": len(ok), "update_norm": strategy.expert_delta(expert).update_norm(),
-                                  "secagg_tolerance": quantization_tolerance(len(sampled), strategy.privacy.clip, weight_sum)}
+        secure_expert_round(grid, strategy, rnd, expert, sampled, result)
     for expert in strategy.groups():
         failed = sum(1 for p in result.participation if p["expert"] == expert and p["status"] != "ok")
         result.metrics.setdefault(expert, {})["sites_failed"] = failed
     return result
+
+
+def secure_expert_round(grid, strategy, rnd: int, expert: str, sampled: list, result) -> None:
+    """SecAgg+ over `sampled`; the expert becomes frozen_a_aggregate(current, A_0, [(mean, 1)])."""
+    from fedmoe.server.privacy import frozen_a_aggregate
+    from fedmoe.shared.fitins import adapter_to_fitins, update_from_arrays
+
+    r_max, clip = strategy.max_rank(expert), strategy.privacy.clip
+    sent = {n.node_id: strategy.expert_for_rank(expert, n.rank) for n in sampled}
+    fitins = {nid: adapter_to_fitins(d, strategy.train_config(rnd, expert, n) | {"secagg-rank": r_max})
+              for n in sampled for nid, d in [(n.node_id, sent[n.node_id])]}
+    max_weight = max(n.num_examples for n in sampled)
+    started = time.perf_counter()
+    summed = secure_mean(grid, rnd, fitins, clip, max_weight, strategy.cfg.round_timeout)
+    seconds = time.perf_counter() - started
+    ok = summed.results  # node id -> that site's plaintext metrics (num-examples, train loss)
+    total = sum(m["num-examples"] for m in ok.values())
+    tolerance = quantization_tolerance(len(sampled), clip, max(total / max_weight, 1e-9))
+    mean, why = None, "secure aggregation halted (a SecAgg+ stage had too few sites)"
+    if summed.aggregate is not None:
+        try:
+            mean = update_from_arrays(summed.aggregate, strategy.init_adapter(r_max), r_max)
+            check_mean_norm(mean, clip, tolerance)
+        except DeltaValidationError as exc:
+            mean, why = None, f"secure aggregate refused: {exc}"
+            result.rejections.append({"site": "(secure sum)", "node_id": 0, "expert": expert, "reason": why})
+    for n in sampled:
+        row = {"site": n.site, "node_id": n.node_id, "expert": expert, "bytes_out": sent[n.node_id].num_bytes()}
+        if mean is not None and (m := ok.get(n.node_id)) is not None:
+            row |= {"status": "ok", "loss": m.get("train-loss"), "num_examples": int(m["num-examples"]), "seconds": seconds}
+        else:
+            row |= {"status": "failed", "reason": why if mean is None else "no masked update before the deadline"}
+        result.participation.append(row)
+    if mean is None:
+        return
+    strategy.experts[expert] = frozen_a_aggregate(strategy.experts.get(expert), strategy.init_adapter(r_max), [(mean, 1.0)],
+                                                  strategy.cfg.alpha_per_rank)
+    strategy.restore(expert, strategy.expert_delta(expert))
+    result.metrics[expert] = {"train_loss": sum(m.get("train-loss", 0.0) * m["num-examples"] for m in ok.values()) / total,
+                              "sites_ok": len(ok), "update_norm": strategy.expert_delta(expert).update_norm(),
+                              "secagg_tolerance": tolerance}
+
+
+def check_mean_norm(mean: dict, clip: float, tolerance: float) -> None:
+    """A weighted mean of updates each of norm ≤ C has norm ≤ C: more means a site skipped
+    its clip (or the sum wrapped), and the aggregate is refused rather than applied."""
+    from fedmoe.server.privacy import update_norm
+
+    numel = sum(t.numel() for t in mean.values())
+    bound = clip * (1 + 1e-4) + tolerance * numel ** 0.5
+    if (norm := update_norm(mean)) > bound:
+        raise DeltaValidationError(f"norm {norm:.4g} exceeds the clip bound {bound:.4g}: a site did not clip its update")
