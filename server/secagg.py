@@ -158,7 +158,8 @@ def secure_expert_round(grid, strategy, rnd: int, expert: str, sampled: list, re
         if mean is not None and (m := ok.get(n.node_id)) is not None:
             row |= {"status": "ok", "loss": m.get("train-loss"), "num_examples": int(m["num-examples"]), "seconds": seconds}
         else:
-            row |= {"status": "failed", "reason": why if mean is None else "no masked update before the deadline"}
+            row |= {"status": "failed", "reason": why if mean is None else
+                    "no masked update (the site failed or missed a SecAgg+ stage); the others' sum was unmasked"}
         result.participation.append(row)
     if mean is None:
         return

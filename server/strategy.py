@@ -49,6 +49,11 @@ class StrategyConfig:
     dp_delta: float = 1e-5
     epsilon_budget: float | None = None  # dp: stop before a round that would exceed it
 
+    def __post_init__(self):  # checked when the config is made, before any federation starts
+        if self.privacy == "secagg" and (self.robust != "none" or self.compression != "none"):
+            raise FedmoeError("--privacy secagg: the coordinator never sees a single update, so --robust and --compression "
+                              "do not apply (sites clip; SecAgg+ has its own quantization)")
+
 
 @dataclass
 class Node:

@@ -12,11 +12,15 @@ quantization tolerance.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 CLIP = 0.5
+RANKS = (4, 8, 8, 8)
+FAULTY = 3  # this site drops out mid-protocol; SecAgg+ still unmasks the other three's sum
 
 
 class RecordingGrid:
@@ -58,10 +62,11 @@ def secagg_run(tmp_path_factory, tiny_model_dir):
     from fedmoe.simulations.domain_suite import make_suite
 
     root = tmp_path_factory.mktemp("secagg")
-    make_suite(root / "suite", domains=1, sites=3, seed=0)
+    make_suite(root / "suite", domains=1, sites=4, seed=0)
     site_plan = [{"data-path": str(root / "suite" / f"site-0{i}"), "rank": rank, "quant": "none", "model-path": str(tiny_model_dir)}
-                 for i, rank in enumerate((4, 8, 8))]
-    plan = FederationPlan(model_dir=str(tiny_model_dir), out_dir=str(root / "run"), rounds=1, expected_nodes=3,
+                 for i, rank in enumerate(RANKS)]
+    site_plan[FAULTY]["chaos"] = "nan=1,seed=0"  # its update is NaN: it fails SecAgg+'s masked-vector stage
+    plan = FederationPlan(model_dir=str(tiny_model_dir), out_dir=str(root / "run"), rounds=1, expected_nodes=len(RANKS),
                           strategy=StrategyConfig(local_steps=1, batch_size=4, privacy="secagg", clip=CLIP, round_timeout=300))
     grids: list[RecordingGrid] = []
     results: dict = {}
@@ -80,8 +85,8 @@ def secagg_run(tmp_path_factory, tiny_model_dir):
 
 
 def site_updates(run) -> dict[int, tuple[list[np.ndarray], int]]:
-    """node id -> (the site's unmasked update, its num-examples), recomputed from the
-    FitIns the coordinator sent it, through the site's own code."""
+    """node id -> (the site's unmasked update, its num-examples) for the sound sites,
+    recomputed from the FitIns the coordinator sent each, through the site's own code."""
     from fedmoe.client.client_app import train_in_process
     from fedmoe.client.secagg import is_secagg_fit, masked_input
     from fedmoe.client.site import SiteSettings
@@ -98,7 +103,10 @@ def site_updates(run) -> dict[int, tuple[list[np.ndarray], int]]:
         for msg in grid.sent:
             if not is_secagg_fit(msg):
                 continue
-            settings = SiteSettings.from_node_config(by_name[names[msg.metadata.dst_node_id]])
+            entry = by_name[names[msg.metadata.dst_node_id]]
+            if "chaos" in entry:
+                continue
+            settings = SiteSettings.from_node_config(entry)
             res = masked_input(msg.content, lambda arrays, cfg: train_in_process(settings, arrays, cfg))
             out[msg.metadata.dst_node_id] = (parameters_to_ndarrays(res.parameters), res.num_examples)
     finally:
@@ -119,7 +127,19 @@ def test_coordinator_never_holds_a_site_update_and_secagg_equals_plaintext(secag
     updates = site_updates(secagg_run)
     assert len(updates) == 3
     counts = [n for _, n in updates.values()]
-    tol = quantization_tolerance(3, CLIP, sum(counts) / max(counts))
+    plan = secagg_run["plan"]
+    store = RunStore(secagg_run["out"], readonly=True)
+    try:
+        assert store.run()["state"] == "finished"
+        rows = {r["site"]: r for r in store.participation(1)}
+        expert = store.checkpoint(secagg_run["experts"][0], 1)
+        tol = store.metrics("secagg_tolerance")[0]["value"]  # what the coordinator reports
+    finally:
+        store.close()
+    faulty = Path(secagg_run["site_plan"][FAULTY]["data-path"]).name
+    assert rows.pop(faulty)["status"] == "failed"
+    assert [r["status"] for r in rows.values()] == ["ok"] * 3
+    assert tol >= quantization_tolerance(3, CLIP, sum(counts) / max(counts))
     flat = {nid: np.concatenate([a.ravel() for a in u]) for nid, (u, _) in updates.items()}
     # Sites differ, and each trained (a zero update would be trivially "hidden").
     assert all(np.abs(v).max() > 100 * tol for v in flat.values())
@@ -128,8 +148,11 @@ def test_coordinator_never_holds_a_site_update_and_secagg_equals_plaintext(secag
     # integers. No reply carries an array, and no masked vector is near any site's update.
     grid = secagg_run["grid"]
     masked = []
+    errors = [r for r in grid.received if r.has_error()]
+    assert len(errors) == 1 and "not finite" in errors[0].error.reason  # the faulty site, in the masked-vector stage
     for reply in grid.received:
-        assert not reply.has_error(), reply.error
+        if reply.has_error():
+            continue
         assert all(len(rec) == 0 for rec in reply.content.array_records.values())
         cfg = reply.content.config_records.get(RECORD_KEY_CONFIGS)
         if cfg is not None and Key.MASKED_PARAMETERS in cfg:
@@ -139,22 +162,13 @@ def test_coordinator_never_holds_a_site_update_and_secagg_equals_plaintext(secag
         for u in flat.values():
             assert vec.shape == u.shape and not np.allclose(vec, u, atol=1e3 * tol)
 
-    # (2) The committed expert = the plaintext FFA-LoRA aggregate of the same updates.
-    plan = secagg_run["plan"]
-    store = RunStore(secagg_run["out"], readonly=True)
-    try:
-        assert store.run()["state"] == "finished"
-        rows = store.participation(1)
-        expert = store.checkpoint(secagg_run["experts"][0], 1)
-    finally:
-        store.close()
-    assert [r["status"] for r in rows] == ["ok"] * 3
+    # (2) The committed expert = the plaintext FFA-LoRA aggregate of the sound sites' updates.
 
     spec = adapter_spec_for(plan.model_dir)
     modules = expert.modules()
     strategy = DomainExpertStrategy(plan.strategy, spec, model_fingerprint(plan.model_dir))
     for i, (nid, (u, n)) in enumerate(sorted(updates.items())):
-        strategy.add_node(Node(nid, f"s{i}", "d", (4, 8, 8)[i], strategy.fingerprint, n))
+        strategy.add_node(Node(nid, f"s{i}", "d", 8, strategy.fingerprint, n))
     a0 = strategy.init_adapter(8)
     plaintext = frozen_a_aggregate(None, a0, [({m: torch.from_numpy(a).double() for m, a in zip(modules, u)}, float(n))
                                               for u, n in updates.values()], plan.strategy.alpha_per_rank)
@@ -193,3 +207,15 @@ def test_quantization_range_never_wraps_the_masked_sum():
         q = quantization_range(n)
         assert n * q <= 2 ** 30 and q <= 2 ** 28 and q & (q - 1) == 0
     assert quantization_tolerance(2, 1.0) == pytest.approx(2 * 2 / 2 ** 28)
+
+
+def test_secagg_refuses_options_that_need_single_updates():
+    from fedmoe.server.strategy import DomainExpertStrategy, StrategyConfig
+    from fedmoe.shared.delta import AdapterSpec
+    from fedmoe.shared.errors import FedmoeError
+
+    for extra in ({"robust": "norm"}, {"compression": "int8"}):
+        with pytest.raises(FedmoeError, match="never sees a single update"):
+            StrategyConfig(privacy="secagg", **extra)
+    with pytest.raises(FedmoeError, match="--clip must be > 0"):
+        DomainExpertStrategy(StrategyConfig(privacy="secagg", clip=0.0), AdapterSpec({"m.q_proj": (8, 8)}), "fp")
