@@ -26,6 +26,12 @@ exactly 2, each site could subtract its own update from the next round's expert)
 metrics (num-examples, train loss) travel in plaintext beside the masked vector, and the
 coordinator cannot screen single updates (robust aggregation does not apply).
 Domains run one after the other; a stage waits at most `round-timeout`.
+
+Caveat, Flower 1.42: `pseudo_rand_gen` (flwr/common/secure_aggregation/secaggplus_utils.py),
+which expands every private and pairwise mask seed, XOR-folds the seed to 32 bits and uses
+np.random.RandomState (flwrlabs/flower#7522, open). The masks hide updates from a coordinator
+that follows the protocol, but one willing to search 2^32 seeds per pairwise mask could
+unmask a site. The protection is Flower's; it improves when Flower's PRG does.
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ def secagg_round(grid, strategy, rnd: int):
     for expert, nodes in strategy.groups().items():
         sampled = strategy.sample(nodes, rnd, expert)
         if len(sampled) < 2:
-            raise FedmoeError(f"secure aggregation needs at least 2 sites per expert; {expert!r} has {len(sampled)} this round")
+            raise FedmoeError(f"secure aggregation needs at least 2 sites per expert; {expert!r} has {len(sampled)} this round "
+                              f"(of {len(nodes)}; raise --min-nodes / --fraction, or add sites)")
         secure_expert_round(grid, strategy, rnd, expert, sampled, result)
     for expert in strategy.groups():
         failed = sum(1 for p in result.participation if p["expert"] == expert and p["status"] != "ok")

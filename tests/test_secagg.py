@@ -159,11 +159,12 @@ def test_coordinator_never_holds_a_site_update_and_secagg_equals_plaintext(secag
             masked.append(np.concatenate([bytes_to_ndarray(b).ravel() for b in cfg[Key.MASKED_PARAMETERS]][1:]))
     assert len(masked) == 3
     for vec in masked:
+        # Masked: spread over [0, 2^32), not the quantized update (below Q = 2^28).
+        assert vec.max() > 2 ** 31 and np.unique(vec).size > 0.9 * vec.size
         for u in flat.values():
             assert vec.shape == u.shape and not np.allclose(vec, u, atol=1e3 * tol)
 
     # (2) The committed expert = the plaintext FFA-LoRA aggregate of the sound sites' updates.
-
     spec = adapter_spec_for(plan.model_dir)
     modules = expert.modules()
     strategy = DomainExpertStrategy(plan.strategy, spec, model_fingerprint(plan.model_dir))
