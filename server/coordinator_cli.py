@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--privacy", default="none", choices=["none", "ffa", "secagg"],
                    help="ffa: frozen shared A (FFA-LoRA); secagg: ffa + site clipping, per-domain sums through "
                         "Flower's SecAgg+ (needs 2+ sites per domain) (default none)")
-    p.add_argument("--clip", type=float, default=1.0, help="secagg: site update norm bound C (default 1.0)")
+    p.add_argument("--clip", type=float, help="secagg: site update norm bound C (default 100)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) if the run has not ended after this many seconds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication: loopback host only, for testing")
     p.add_argument("--ssl-ca-certfile", help="CA certificate (PEM) the sites trust")
@@ -60,6 +60,9 @@ def cmd_coordinator_start(args) -> int:
             raise FedmoeError(f"{flag} must be >= {low}, got {value}")
     if args.round_timeout <= 0:
         raise FedmoeError(f"--round-timeout must be positive, got {args.round_timeout}")
+    from fedmoe.server.privacy import default_clip
+
+    args.clip = default_clip(args.privacy, args.clip)
     if not args.clip > 0:
         raise FedmoeError(f"--clip must be > 0, got {args.clip}")
     if args.model and not Path(args.model).is_dir():

@@ -34,6 +34,15 @@ from fedmoe.shared.delta import LoraDelta, b_update  # noqa: F401  (b_update: th
 from fedmoe.shared.errors import FedmoeError
 
 MODES = ("none", "ffa", "dp", "secagg")
+# The site's update norm bound C when --clip is not given. dp: C sets the noise (z C / n), so
+# it is small. secagg: C only has to contain every coordinate for SecAgg+'s quantization
+# (error ≤ n 2C / 2^28), so it sits well above the update norms seen (||s (B_k - B_0)|| ≈ 10
+# in the smoke preset) and rarely binds: a binding clip changes training, it hides nothing more.
+DEFAULT_CLIP = {"dp": 1.0, "secagg": 100.0}
+
+
+def default_clip(mode: str, clip: float | None) -> float:
+    return clip if clip is not None else DEFAULT_CLIP.get(mode, 1.0)
 
 
 @dataclass

@@ -36,7 +36,7 @@ def register(sub) -> None:
                    help="ffa: frozen shared A (FFA-LoRA); dp: ffa + site clipping + Gaussian noise + RDP accounting; "
                         "secagg: ffa + site clipping, per-domain sums through Flower's SecAgg+")
     s.add_argument("--noise-multiplier", type=float, default=1.0, help="dp: noise std / clip (default 1.0)")
-    s.add_argument("--clip", type=float, default=1.0, help="dp, secagg: site update norm bound C (default 1.0)")
+    s.add_argument("--clip", type=float, help="dp, secagg: site update norm bound C (default: dp 1.0, secagg 100)")
     s.add_argument("--epsilon-budget", type=float, help="dp: stop before a round that would exceed this epsilon")
     s.add_argument("--dp-delta", type=float, default=1e-5, help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
     s.add_argument("--no-mia", action="store_true", help="skip the membership-inference check in the report")
@@ -60,6 +60,7 @@ def cmd_make_suite(args) -> int:
 
 
 def cmd_simulate(args) -> int:
+    from fedmoe.server.privacy import default_clip
     from fedmoe.shared.errors import FedmoeError
     from fedmoe.simulations.simulate import report_table, resume_args, simulate
 
@@ -71,7 +72,8 @@ def cmd_simulate(args) -> int:
     else:
         report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
                           baselines=not args.no_baselines, moe=not args.no_moe, compression=args.compression, robust=args.robust,
-                          chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier, clip=args.clip,
+                          chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier,
+                          clip=default_clip(args.privacy, args.clip),
                           epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia)
     if args.json:
         print_json(report)
