@@ -19,6 +19,8 @@ import time
 import pytest
 from deploy_helpers import Proc, fedmoe, free_port
 
+pytestmark = pytest.mark.slow
+
 RUN_TIMEOUT = 300.0
 REGISTERED = {"site-00": "hospital-a", "site-01": "hospital-b"}  # data folder -> key name
 

@@ -114,6 +114,7 @@ def site_updates(run) -> dict[int, tuple[list[np.ndarray], int]]:
     return out
 
 
+@pytest.mark.slow
 def test_coordinator_never_holds_a_site_update_and_secagg_equals_plaintext(secagg_run):
     from flwr.common import bytes_to_ndarray
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
