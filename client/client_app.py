@@ -3,8 +3,9 @@
 QUERY `describe` answers who the site is; TRAIN sets the received adapter, trains the
 configured steps and replies with the trained adapter, `num-examples` and metrics;
 EVALUATE reports local accuracy and loss. With `--privacy secagg` the TRAIN messages are
-Flower's SecAgg+ stages and `secaggplus_mod` masks the update (fedmoe.client.secagg). In simulation, `plan` maps each virtual
-node's partition id to its site settings; deployed, they come from the node config.
+Flower's SecAgg+ stages and `secaggplus_mod` masks the update (fedmoe.client.secagg).
+In simulation, `plan` maps each virtual node's partition id to its site settings;
+deployed, they come from the node config.
 
 Deployed with `fedmoe site start`, the node config has `daemon-address` and every
 message is forwarded to the site daemon (fedmoe.client.daemon), which keeps the model

@@ -49,7 +49,7 @@ APP_CONFIG: dict = {
     "out": "runs/deployed",
     "model-path": "",
     "privacy": "none",
-    "clip": 1.0,
+    "clip": 0.0,  # 0: the privacy mode's default (fedmoe.server.privacy.DEFAULT_CLIP)
 }
 
 

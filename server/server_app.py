@@ -162,6 +162,7 @@ def build_server_app(plan: FederationPlan | None = None, results: dict | None = 
 
 
 def plan_from_run_config(cfg) -> FederationPlan:
+    from fedmoe.server.privacy import default_clip
     from fedmoe.shared.pretrain import ensure_default_model
 
     strategy = StrategyConfig(
@@ -169,7 +170,8 @@ def plan_from_run_config(cfg) -> FederationPlan:
         seed=int(cfg.get("seed", 0)), aggregation=str(cfg.get("aggregation", "exact")),
         fraction=float(cfg.get("fraction", 1.0)), min_nodes=int(cfg.get("min-nodes", 1)),
         round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)),
-        privacy=str(cfg.get("privacy", "none")), clip=float(cfg.get("clip", 1.0)))
+        privacy=str(cfg.get("privacy", "none")),
+        clip=default_clip(str(cfg.get("privacy", "none")), float(cfg.get("clip", 0.0)) or None))
     return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
                           rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),
                           node_wait=float(cfg.get("node-wait", 120)), preset="deployed")
