@@ -2,8 +2,10 @@
 
 QUERY `describe` answers who the site is; TRAIN sets the received adapter, trains the
 configured steps and replies with the trained adapter, `num-examples` and metrics;
-EVALUATE reports local accuracy and loss. In simulation, `plan` maps each virtual
-node's partition id to its site settings; deployed, they come from the node config.
+EVALUATE reports local accuracy and loss. With `--privacy secagg` the TRAIN messages are
+Flower's SecAgg+ stages and `secaggplus_mod` masks the update (fedmoe.client.secagg).
+In simulation, `plan` maps each virtual node's partition id to its site settings;
+deployed, they come from the node config.
 
 Deployed with `fedmoe site start`, the node config has `daemon-address` and every
 message is forwarded to the site daemon (fedmoe.client.daemon), which keeps the model
@@ -16,7 +18,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmoe.client import daemon
+from fedmoe.client import daemon, secagg
 
 DAEMON_TIMEOUT = 24 * 3600.0  # the coordinator's round deadline is what bounds a round
 
@@ -82,16 +84,19 @@ def build_client_app(plan: list[dict] | None = None) -> ClientApp:
             info = site.describe(settings_for(context, plan))
         return Message(RecordDict({"config": ConfigRecord(info)}), reply_to=msg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg = msg.content["config"]
+    def train_records(arrays, cfg, context: Context):
         if address := daemon_for(context, plan):
-            arrays, meta, metrics = daemon.forward_train(address, msg.content["arrays"], cfg, context.run_id, DAEMON_TIMEOUT)
-        else:
-            chaos = None
-            if plan is not None and "chaos" in (entry := plan[int(context.node_config["partition-id"])]):
-                chaos = entry
-            arrays, meta, metrics = train_in_process(settings_for(context, plan), msg.content["arrays"], cfg, chaos)
+            return daemon.forward_train(address, arrays, cfg, context.run_id, DAEMON_TIMEOUT)
+        chaos = None
+        if plan is not None and "chaos" in (entry := plan[int(context.node_config["partition-id"])]):
+            chaos = entry
+        return train_in_process(settings_for(context, plan), arrays, cfg, chaos)
+
+    @app.train(mods=[secagg.secagg_mod])
+    def train(msg: Message, context: Context) -> Message:
+        if secagg.is_secagg_fit(msg):  # --privacy secagg: SecAgg+ masks what this returns
+            return secagg.fit_reply(msg, lambda arrays, cfg: train_records(arrays, cfg, context))
+        arrays, meta, metrics = train_records(msg.content["arrays"], msg.content["config"], context)
         return Message(RecordDict({"arrays": arrays, "config": meta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.evaluate()

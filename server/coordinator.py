@@ -55,6 +55,8 @@ APP_CONFIG: dict = {
     "short-round": "proceed",
     "max-retries": 1,
     "resume": False,
+    "privacy": "none",
+    "clip": 0.0,  # 0: the privacy mode's default (fedmoe.server.privacy.DEFAULT_CLIP)
 }
 
 

@@ -35,6 +35,10 @@ def register(sub) -> None:
     p.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (default 1e-3)")
     add_short_round_flags(p)
     p.add_argument("--model", help="base model directory (default: the built-in tiny model)")
+    p.add_argument("--privacy", default="none", choices=["none", "ffa", "secagg"],
+                   help="ffa: frozen shared A (FFA-LoRA); secagg: ffa + site clipping, per-domain sums through "
+                        "Flower's SecAgg+ (needs 2+ sites per domain) (default none)")
+    p.add_argument("--clip", type=float, help="secagg: site update norm bound C (default 100)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) if the run has not ended after this many seconds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication: loopback host only, for testing")
     p.add_argument("--ssl-ca-certfile", help="CA certificate (PEM) the sites trust")
@@ -71,6 +75,11 @@ def cmd_coordinator_start(args) -> int:
             raise FedmoeError(f"{flag} must be >= {low}, got {value}")
     if args.round_timeout <= 0:
         raise FedmoeError(f"--round-timeout must be positive, got {args.round_timeout}")
+    from fedmoe.server.privacy import default_clip
+
+    args.clip = default_clip(args.privacy, args.clip)
+    if not args.clip > 0:
+        raise FedmoeError(f"--clip must be > 0, got {args.clip}")
     if args.model and not Path(args.model).is_dir():
         raise FedmoeError(f"--model: folder not found: {args.model}")
     sec = Security(insecure=args.insecure, ca_certfile=args.ssl_ca_certfile, certfile=args.ssl_certfile,
@@ -80,7 +89,8 @@ def cmd_coordinator_start(args) -> int:
                   "aggregation": args.aggregation, "round-timeout": args.round_timeout, "prox-mu": args.prox_mu,
                   "server-opt": args.server_opt, "server-lr": args.server_lr, "server-tau": args.server_tau,
                   "model-path": str(Path(args.model).resolve()) if args.model else "", "min-replies": args.min_replies,
-                  "short-round": args.short_round, "max-retries": args.max_retries}
+                  "short-round": args.short_round, "max-retries": args.max_retries,
+                  "privacy": args.privacy, "clip": args.clip}
     if args.resume:
         run_config, args.out = stored_run_config(args.resume), args.resume
         args.rounds = int(run_config.get("rounds", args.rounds))

@@ -13,8 +13,9 @@ Modes (`StrategyConfig.privacy`):
   accountant: each expert a site trains in a round is one Gaussian step at sample rate q
   (the sampled fraction); ε(δ) after every round goes into the run store metrics.
 - `ffa`: frozen A, no noise: the plaintext FFA-LoRA aggregate (weights by examples).
-- `secagg`: frozen A too, so the sum of site B-updates is the exact aggregate (see
-  fedmoe.server.secagg where it is wired).
+- `secagg`: frozen A too, so the sum of site B-updates is the exact aggregate; each
+  domain's sum goes through Flower's SecAgg+ protocol, so the coordinator only ever holds
+  the per-domain weighted mean (fedmoe.server.secagg, fedmoe.client.secagg).
 
 With a frozen A the expert is kept as (s B, A_0): ΔW = s B A_0 with A_0 the seeded
 initial A at the expert's largest rank; a site of rank r gets the first r components
@@ -29,10 +30,19 @@ from dataclasses import dataclass
 import torch
 
 from fedmoe.server.aggregation import LowRank
-from fedmoe.shared.delta import LoraDelta
-from fedmoe.shared.errors import DeltaValidationError, FedmoeError
+from fedmoe.shared.delta import LoraDelta, b_update  # noqa: F401  (b_update: the sites compute it too)
+from fedmoe.shared.errors import FedmoeError
 
 MODES = ("none", "ffa", "dp", "secagg")
+# The site's update norm bound C when --clip is not given. dp: C sets the noise (z C / n), so
+# it is small. secagg: C only has to contain every coordinate for SecAgg+'s quantization
+# (error ≤ n 2C / 2^28), so it sits well above the update norms seen (||s (B_k - B_0)|| ≈ 10
+# in the smoke preset) and rarely binds: a binding clip changes training, it hides nothing more.
+DEFAULT_CLIP = {"dp": 1.0, "secagg": 100.0}
+
+
+def default_clip(mode: str, clip: float | None) -> float:
+    return clip if clip is not None else DEFAULT_CLIP.get(mode, 1.0)
 
 
 @dataclass
@@ -46,9 +56,11 @@ class PrivacyConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise FedmoeError(f"unknown privacy mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.mode in ("dp", "secagg") and not self.clip > 0:
+            raise FedmoeError(f"--clip must be > 0, got {self.clip}")
         if self.mode == "dp":
-            if not self.noise_multiplier >= 0 or not self.clip > 0:
-                raise FedmoeError(f"--noise-multiplier must be >= 0 and --clip > 0, got {self.noise_multiplier}, {self.clip}")
+            if not self.noise_multiplier >= 0:
+                raise FedmoeError(f"--noise-multiplier must be >= 0, got {self.noise_multiplier}")
             if not 0 < self.delta < 1:
                 raise FedmoeError(f"DP delta must be in (0, 1), got {self.delta}")
 
@@ -88,19 +100,6 @@ class PrivacyAccountant:
         for _ in range(steps):
             trial.step(noise_multiplier=self.z, sample_rate=sample_rate)
         return float(trial.get_epsilon(self.delta))
-
-
-def b_update(trained: LoraDelta, sent: LoraDelta, r_max: int) -> dict[str, torch.Tensor]:
-    """u = s (B_k - B_0) per module, zero-padded to r_max columns; rejects a changed A."""
-    out = {}
-    for m in trained.modules():
-        at, bt = trained.factors(m)
-        a0, b0 = sent.factors(m)
-        if not torch.equal(at.float(), a0.float()):
-            raise DeltaValidationError(f"module {m!r}: lora_A changed, but this privacy mode trains with A frozen")
-        u = bt.double() * trained.scaling - b0.double() * sent.scaling
-        out[m] = torch.nn.functional.pad(u, (0, r_max - u.shape[1]))
-    return out
 
 
 def update_norm(u: dict[str, torch.Tensor]) -> float:

@@ -103,13 +103,18 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
             break
         store.begin_round(rnd)
         started = time.perf_counter()
-        sent = strategy.configure_train(rnd)
-        try:
-            replies, resends = strategy.collect_train(grid, rnd, sent)
-        except ShortRoundError:
-            store.finish_run("failed")
-            raise
-        result = strategy.aggregate_train(rnd, sent, replies, resends)
+        if plan.strategy.privacy == "secagg":
+            from fedmoe.server.secagg import secagg_round
+
+            result = secagg_round(grid, strategy, rnd)
+        else:
+            sent = strategy.configure_train(rnd)
+            try:
+                replies, resends = strategy.collect_train(grid, rnd, sent)
+            except ShortRoundError:
+                store.finish_run("failed")
+                raise
+            result = strategy.aggregate_train(rnd, sent, replies, resends)
         store.commit_round(rnd, result.participation, result.metrics, result.rejections,
                            {e: strategy.expert_delta(e) for e in strategy.experts})
         for p in result.participation:
@@ -178,6 +183,7 @@ def build_server_app(plan: FederationPlan | None = None, results: dict | None = 
 
 
 def plan_from_run_config(cfg) -> FederationPlan:
+    from fedmoe.server.privacy import default_clip
     from fedmoe.shared.pretrain import ensure_default_model
 
     strategy = StrategyConfig(
@@ -187,7 +193,9 @@ def plan_from_run_config(cfg) -> FederationPlan:
         round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)),
         server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 3e-3)),
         server_tau=float(cfg.get("server-tau", 1e-3)), min_replies=int(cfg.get("min-replies", 1)),
-        short_round=str(cfg.get("short-round", "proceed")), max_retries=int(cfg.get("max-retries", 1)))
+        short_round=str(cfg.get("short-round", "proceed")), max_retries=int(cfg.get("max-retries", 1)),
+        privacy=str(cfg.get("privacy", "none")),
+        clip=default_clip(str(cfg.get("privacy", "none")), float(cfg.get("clip", 0.0)) or None))
     return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
                           rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),
                           node_wait=float(cfg.get("node-wait", 120)), preset="deployed", resume=bool(cfg.get("resume", False)))

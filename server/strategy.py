@@ -60,6 +60,11 @@ class StrategyConfig:
     short_round: str = "proceed"  # proceed | retry | fail: what a round short of min_replies does at its deadline
     max_retries: int = 1  # retry | fail: re-sends to the missing sites before proceeding | failing
 
+    def __post_init__(self):  # checked when the config is made, before any federation starts
+        if self.privacy == "secagg" and (self.robust != "none" or self.compression != "none"):
+            raise FedmoeError("--privacy secagg: the coordinator never sees a single update, so --robust and --compression "
+                              "do not apply (sites clip; SecAgg+ has its own quantization)")
+
 
 @dataclass
 class Node:
@@ -158,16 +163,19 @@ class DomainExpertStrategy:
     def train_seed(self, rnd: int, node: Node) -> int:
         return zlib.crc32(f"{self.cfg.seed}/{rnd}/{node.site}".encode()) % (2**31)
 
+    def train_config(self, rnd: int, expert: str, node: Node) -> dict:
+        """What a site needs besides the adapter to train `expert` in round `rnd`."""
+        return {"compression": self.cfg.compression, "expert": expert, "round": rnd, "steps": self.cfg.local_steps,
+                "batch-size": self.cfg.batch_size, "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
+                "prox-mu": self.cfg.prox_mu} | self.privacy_train_config()
+
     def configure_train(self, rnd: int) -> list[tuple[str, Node, Message]]:
         out = []
         for expert, nodes in self.groups().items():
             for node in self.sample(nodes, rnd, expert):
                 delta = self.expert_for_rank(expert, node.rank)
                 arrays, meta, _ = compression.encode(delta, self.cfg.compression)
-                config = ConfigRecord(dict(meta) | {"compression": self.cfg.compression,
-                    "expert": expert, "round": rnd, "steps": self.cfg.local_steps, "batch-size": self.cfg.batch_size,
-                    "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
-                    "prox-mu": self.cfg.prox_mu} | self.privacy_train_config())
+                config = ConfigRecord(dict(meta) | self.train_config(rnd, expert, node))
                 msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node.node_id, message_type="train")
                 out.append((expert, node, msg))
         return out
@@ -348,7 +356,10 @@ class DomainExpertStrategy:
     def privacy_train_config(self) -> dict:
         if not self.privacy.frozen_a:
             return {}
-        return {"freeze-a": True} | ({"dp-clip": float(self.privacy.clip)} if self.privacy.mode == "dp" else {})
+        # `dp-clip` bounds the site's update norm: in dp for the noise's sensitivity, in secagg so
+        # that every coordinate lies inside SecAgg+'s clipping range (fedmoe.server.secagg).
+        clipped = self.privacy.mode in ("dp", "secagg")
+        return {"freeze-a": True} | ({"dp-clip": float(self.privacy.clip)} if clipped else {})
 
     def sample_rate(self) -> float:
         """The fraction of a domain's sites sampled per round (the accountant's q; at most 1)."""

@@ -250,3 +250,17 @@ class LoraDelta:
             norm = self.update_norm()
             if norm > max_norm:
                 raise DeltaValidationError(f"{where}: update norm {norm:.3g} exceeds bound {max_norm:.3g}")
+
+
+def b_update(trained: LoraDelta, sent: LoraDelta, r_max: int) -> dict[str, torch.Tensor]:
+    """FFA-LoRA update u = s (B_k - B_0) per module, zero-padded to r_max columns, against
+    the frozen A both share; rejects a changed A. Linear in B, so Σ p_k u_k is the exact aggregate."""
+    out = {}
+    for m in trained.modules():
+        at, bt = trained.factors(m)
+        a0, b0 = sent.factors(m)
+        if not torch.equal(at.float(), a0.float()):
+            raise DeltaValidationError(f"module {m!r}: lora_A changed, but this privacy mode trains with A frozen")
+        u = bt.double() * trained.scaling - b0.double() * sent.scaling
+        out[m] = torch.nn.functional.pad(u, (0, r_max - u.shape[1]))
+    return out

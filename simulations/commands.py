@@ -32,10 +32,11 @@ def register(sub) -> None:
                    help="robust aggregation: norm = outlier rejection + norm bounding (exact); trimmed-mean/median "
                         "= coordinate-wise on factors (default none)")
     s.add_argument("--chaos", metavar="SPEC", help='faulty sites, e.g. "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"')
-    s.add_argument("--privacy", default="none", choices=["none", "ffa", "dp"],
-                   help="ffa: frozen shared A (FFA-LoRA); dp: ffa + site clipping + Gaussian noise + RDP accounting")
+    s.add_argument("--privacy", default="none", choices=["none", "ffa", "dp", "secagg"],
+                   help="ffa: frozen shared A (FFA-LoRA); dp: ffa + site clipping + Gaussian noise + RDP accounting; "
+                        "secagg: ffa + site clipping, per-domain sums through Flower's SecAgg+")
     s.add_argument("--noise-multiplier", type=float, default=1.0, help="dp: noise std / clip (default 1.0)")
-    s.add_argument("--clip", type=float, default=1.0, help="dp: site update norm bound C (default 1.0)")
+    s.add_argument("--clip", type=float, help="dp, secagg: site update norm bound C (default: dp 1.0, secagg 100)")
     s.add_argument("--epsilon-budget", type=float, help="dp: stop before a round that would exceed this epsilon")
     s.add_argument("--dp-delta", type=float, default=1e-5, help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
     s.add_argument("--no-mia", action="store_true", help="skip the membership-inference check in the report")
@@ -66,6 +67,7 @@ def cmd_make_suite(args) -> int:
 
 def cmd_simulate(args) -> int:
     from fedmoe.server.faults import armed_faults
+    from fedmoe.server.privacy import default_clip
     from fedmoe.shared.errors import FedmoeError
     from fedmoe.simulations.simulate import report_table, resume_args, simulate
 
@@ -79,7 +81,8 @@ def cmd_simulate(args) -> int:
     else:
         report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
                           baselines=not args.no_baselines, moe=not args.no_moe, compression=args.compression, robust=args.robust,
-                          chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier, clip=args.clip,
+                          chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier,
+                          clip=default_clip(args.privacy, args.clip),
                           epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia,
                           prox_mu=args.prox_mu, server_opt=args.server_opt, server_lr=args.server_lr,
                           server_tau=args.server_tau, min_replies=args.min_replies, short_round=args.short_round,

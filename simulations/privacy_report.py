@@ -12,6 +12,7 @@ def sections(out_dir: Path, model_dir, sites, rounds: int, seed: int, baselines:
 
     store = RunStore(out_dir, readonly=True)
     participation, metrics = store.participation(), store.metrics("dp_epsilon")
+    tolerances = [m["value"] for m in store.metrics("secagg_tolerance")]
     store.close()
     strat = plan.strategy
     out: dict = {"robust": robust, "privacy": {"mode": strat.privacy}}
@@ -24,6 +25,9 @@ def sections(out_dir: Path, model_dir, sites, rounds: int, seed: int, baselines:
                            "epsilon_per_round": [{"round": r, "epsilon": e} for r, e in sorted(per_round.items())],
                            "epsilon": per_round[max(per_round)] if per_round else 0.0,
                            "rounds_run": len(per_round), "stopped": results.get("stopped")}
+    if strat.privacy == "secagg":
+        out["privacy"] |= {"clip": strat.clip, "protocol": "Flower SecAgg+ (one run per domain per round)",
+                           "quantization_tolerance": max(tolerances, default=None)}
     if chaos:
         out["chaos"] = chaos_section(chaos, seed, rounds, sites, baselines, participation)
     if experts:

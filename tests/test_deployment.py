@@ -13,50 +13,14 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from deploy_helpers import Proc, free_port
 
 ROUND_TIMEOUT = 60.0  # the killed site's round ends by this deadline (or earlier, when Flower sees the node gone)
 RUN_TIMEOUT = 420.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A `fedmoe ...` subprocess in its own session, output in a log file."""
-
-    def __init__(self, name: str, args: list[str], logdir: Path, env: dict):
-        self.name, self.log = name, logdir / f"{name}.log"
-        with open(self.log, "wb") as f:
-            self.popen = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                                          env=env, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if m := re.search(pattern, self.text()):
-                return m
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name}: no {pattern!r} within {timeout:.0f}s; log tail:\n{self.text()[-3000:]}")
-
-    def stop(self) -> None:
-        from fedmoe.client.site_cli import stop_group
-
-        stop_group(self.popen, grace=10)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,51 @@
+"""Helpers for the tests that run real Flower daemons (`fedmoe coordinator start`,
+`fedmoe site start`) on 127.0.0.1: free ports, and `fedmoe ...` subprocesses in their
+own session with their output in a log file, stopped (whole tree) at teardown."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fedmoe(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+class Proc:
+    """A `fedmoe ...` subprocess in its own session, output in a log file."""
+
+    def __init__(self, name: str, args: list[str], logdir: Path, env: dict):
+        self.name, self.log = name, logdir / f"{name}.log"
+        with open(self.log, "wb") as f:
+            self.popen = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if m := re.search(pattern, self.text()):
+                return m
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name}: no {pattern!r} within {timeout:.0f}s; log tail:\n{self.text()[-3000:]}")
+
+    def stop(self) -> None:
+        from fedmoe.client.site_cli import stop_group
+
+        stop_group(self.popen, grace=10)
