@@ -60,10 +60,27 @@ class StrategyConfig:
     short_round: str = "proceed"  # proceed | retry | fail: what a round short of min_replies does at its deadline
     max_retries: int = 1  # retry | fail: re-sends to the missing sites before proceeding | failing
 
-    def __post_init__(self):  # checked when the config is made, before any federation starts
+    def __post_init__(self):  # checked when the config is made, before any federation starts or file is written
+        from fedmoe.server.privacy import PrivacyConfig
+        from fedmoe.server.robust import RobustConfig
+
+        if self.aggregation not in ("exact", "naive"):
+            raise FedmoeError(f"unknown aggregation {self.aggregation!r}: choose exact or naive")
+        compression.check_codec(self.compression)
+        RobustConfig(self.robust)
+        PrivacyConfig(self.privacy, self.noise_multiplier, self.clip, self.dp_delta, self.epsilon_budget)
         if self.privacy == "secagg" and (self.robust != "none" or self.compression != "none"):
             raise FedmoeError("--privacy secagg: the coordinator never sees a single update, so --robust and --compression "
                               "do not apply (sites clip; SecAgg+ has its own quantization)")
+        if self.server_opt not in SERVER_OPTIMIZERS:
+            raise FedmoeError(f"unknown server optimizer {self.server_opt!r}: choose one of {', '.join(SERVER_OPTIMIZERS)}")
+        if self.server_opt != "none" and self.privacy != "none":
+            raise FedmoeError(f"--server-opt {self.server_opt} re-factorizes each expert, which breaks the frozen shared A of "
+                              f"--privacy {self.privacy}: use one or the other")
+        if self.short_round not in SHORT_ROUND_POLICIES:
+            raise FedmoeError(f"unknown short-round policy {self.short_round!r}: choose {', '.join(SHORT_ROUND_POLICIES)}")
+        if self.min_replies < 1 or self.max_retries < 0:
+            raise FedmoeError(f"min-replies must be >= 1 and max-retries >= 0, got {self.min_replies} and {self.max_retries}")
 
 
 @dataclass
@@ -89,18 +106,6 @@ class RoundResult:
 
 class DomainExpertStrategy:
     def __init__(self, cfg: StrategyConfig, spec: AdapterSpec, fingerprint: str):
-        if cfg.aggregation not in ("exact", "naive"):
-            raise FedmoeError(f"unknown aggregation {cfg.aggregation!r}: choose exact or naive")
-        compression.check_codec(cfg.compression)
-        if cfg.server_opt not in SERVER_OPTIMIZERS:
-            raise FedmoeError(f"unknown server optimizer {cfg.server_opt!r}: choose one of {', '.join(SERVER_OPTIMIZERS)}")
-        if cfg.server_opt != "none" and cfg.privacy != "none":
-            raise FedmoeError(f"--server-opt {cfg.server_opt} re-factorizes each expert, which breaks the frozen shared A of "
-                              f"--privacy {cfg.privacy}: use one or the other")
-        if cfg.short_round not in SHORT_ROUND_POLICIES:
-            raise FedmoeError(f"unknown short-round policy {cfg.short_round!r}: choose {', '.join(SHORT_ROUND_POLICIES)}")
-        if cfg.min_replies < 1 or cfg.max_retries < 0:
-            raise FedmoeError(f"min-replies must be >= 1 and max-retries >= 0, got {cfg.min_replies} and {cfg.max_retries}")
         self.cfg, self.spec, self.fingerprint = cfg, spec, fingerprint
         self.nodes: dict[int, Node] = {}
         self.experts: dict[str, dict[str, LowRank]] = {}

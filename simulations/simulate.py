@@ -101,12 +101,22 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
 
     if preset_name not in PRESETS:
         raise FedmoeError(f"unknown preset {preset_name!r}: choose one of {', '.join(PRESETS)}")
-    if aggregation not in ("exact", "naive"):
-        raise FedmoeError(f"unknown aggregation {aggregation!r}: choose exact or naive")
     preset = PRESETS[preset_name]
     rounds = preset.rounds if rounds is None else rounds
     if rounds < 1:
         raise FedmoeError(f"--rounds must be >= 1, got {rounds}")
+    # Every option is checked here, before anything is written to --out.
+    strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
+                              aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
+                              robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
+                              dp_delta=dp_delta, epsilon_budget=epsilon_budget, prox_mu=prox_mu, server_opt=server_opt,
+                              server_lr=server_lr, server_tau=server_tau, min_replies=min_replies,
+                              short_round=short_round, max_retries=max_retries)
+    chaos_spec = chaos  # as given (simulate.json, so a resume normalizes it the same way)
+    if chaos:
+        from fedmoe.client.chaos import chaos_seed, format_chaos, parse_chaos
+
+        chaos = format_chaos(parse_chaos(chaos), chaos_seed(chaos, preset.seed))
     wall = time.perf_counter()
     out_dir = Path(out)
     if (out_dir / "run.db").exists() and not resume:
@@ -116,7 +126,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         (out_dir / "simulate.json").write_text(json.dumps(
             {"preset_name": preset_name, "data_dir": data_dir, "rounds": rounds, "aggregation": aggregation,
              "ray_address": ray_address, "baselines": baselines, "moe": moe, "compression": compression, "robust": robust,
-             "chaos": chaos, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
+             "chaos": chaos_spec, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
              "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia, "prox_mu": prox_mu,
              "server_opt": server_opt, "server_lr": server_lr, "server_tau": server_tau, "min_replies": min_replies,
              "short_round": short_round, "max_retries": max_retries}, indent=2))
@@ -130,17 +140,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     site_plan = [{"data-path": str(s.path), "domain": s.domain, "rank": preset.ranks[i % len(preset.ranks)],
                   "quant": preset.quant, "model-path": str(model_dir)} for i, s in enumerate(sites)]
     if chaos:
-        from fedmoe.client.chaos import chaos_seed, format_chaos, parse_chaos
-
-        chaos = format_chaos(parse_chaos(chaos), chaos_seed(chaos, preset.seed))
         for entry in site_plan:
             entry["chaos"] = chaos
-    strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
-                              aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
-                              robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
-                              dp_delta=dp_delta, epsilon_budget=epsilon_budget, prox_mu=prox_mu, server_opt=server_opt,
-                              server_lr=server_lr, server_tau=server_tau, min_replies=min_replies,
-                              short_round=short_round, max_retries=max_retries)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     stages = StageClock()

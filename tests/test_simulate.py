@@ -88,6 +88,9 @@ def test_simulate_refuses_to_overwrite_a_run(smoke_run):
 @pytest.mark.parametrize("args, message", [
     (["--data-dir", "/nonexistent/suite"], "suite folder not found"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--server-opt", "fedadam", "--privacy", "dp"], "breaks the frozen shared A of --privacy dp"),
+    (["--privacy", "secagg", "--robust", "norm"], "--robust and --compression do not apply"),
+    (["--chaos", "nan=2"], "chaos"),
 ])
 def test_simulate_bad_input_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--out", str(tmp_path / "x"), *args],
@@ -95,6 +98,8 @@ def test_simulate_bad_input_one_line(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert lines[-1].startswith("fedmoe: error:") and message in lines[-1] and "Traceback" not in proc.stderr
+    if "--data-dir" not in args:  # refused before anything is written to --out
+        assert not (tmp_path / "x").exists()
 
 
 def test_baselines_worker_failure_is_one_line(tmp_path, tiny_model_dir):
