@@ -40,6 +40,13 @@ def test_simulate_refuses_a_mistyped_fault_in_one_line(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_bench_resume_needs_a_kill(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "bench", "resume", "--preset", "smoke", "--kills", "0",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "fedmoe: error: --kills must be >= 1, got 0", proc.stderr
+    assert not (tmp_path / "resume.json").exists()
+
+
 STORE_SCRIPT = textwrap.dedent("""
     import sys, torch
     from fedmoe.server.run_store import RunStore
