@@ -18,7 +18,7 @@ itself; its Ray workers, the sites, never reach these points). `fedmoe simulate`
 `fedmoe coordinator start` refuse a mistyped spec in one line before starting.
 
 The coordinator calls `fault_point(name, round)` at each point; with no FEDMOE_FAULT
-(the normal case) that is a dictionary lookup. SIGKILL, not an exception: nothing
+(the normal case) that is one environment lookup. SIGKILL, not an exception: nothing
 (no `finally`, no atexit, no flush) runs, as when the machine loses power.
 """
 

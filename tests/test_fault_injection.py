@@ -3,6 +3,8 @@ during site training, during aggregation, between a checkpoint's temporary file 
 rename, and before the round's SQLite commit; `--resume` must then give exactly what
 an uninterrupted run with the same seeds gives, with no gap and no duplicated round."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,14 +32,19 @@ def test_fault_spec_is_parsed_and_checked():
 
 
 def test_simulate_refuses_a_mistyped_fault_in_one_line(tmp_path):
-    import os
-
     proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, FEDMOE_FAULT="kill:agregate:1"))
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("fedmoe: error: FEDMOE_FAULT") and "'agregate'" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_resume_needs_a_kill(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "bench", "resume", "--preset", "smoke", "--kills", "0",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "fedmoe: error: --kills must be >= 1, got 0", proc.stderr
+    assert not (tmp_path / "resume.json").exists()
 
 
 STORE_SCRIPT = textwrap.dedent("""
@@ -65,8 +72,6 @@ def test_run_store_killed_mid_commit_keeps_the_previous_round(tmp_path, point):
     """Killed with round 2's checkpoint in its temporary file (checkpoint) or with every file
     renamed but the SQLite transaction not run (commit): round 1 is what a resume uses, and
     round 2 committed again is recorded once."""
-    import os
-
     env = dict(os.environ, FEDMOE_FAULT=f"kill:{point}:2")
     proc = subprocess.run([sys.executable, "-c", STORE_SCRIPT, str(tmp_path), "1", "2"], env=env, capture_output=True, timeout=120)
     assert proc.returncode == KILLED, proc.stderr.decode()[-2000:]
@@ -118,7 +123,5 @@ def test_coordinator_killed_at_each_point_resumes_to_the_uninterrupted_run(fed_s
     assert got["rounds"] == [(1, "committed"), (2, "committed")]  # no gap, no duplicated round
     assert got == want
     assert {e for _, e, _, _ in got["checkpoints"]} == {"law", "medicine"}
-    import json
-
     report, ref = (json.loads((d / "report.json").read_text()) for d in (out, fed_smoke_run))
     assert federated_numbers(report) == federated_numbers(ref) and "experts_oracle" in federated_numbers(report)
