@@ -50,8 +50,11 @@ def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cf
     return out
 
 
-def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict) -> dict:
-    """Both baselines on the suite's sites; returns their per-domain accuracies and seconds."""
+BASELINES = {"local_only": local_only, "centralized": centralized}
+
+
+def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict, names=tuple(BASELINES)) -> dict:
+    """The named baselines on the suite's sites: {name: per-domain accuracy, "seconds": ...}."""
     from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
 
     start = time.perf_counter()
@@ -60,22 +63,23 @@ def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict) -> dict:
     trainer = SiteTrainer(model_dir, quant, 8)
     train_cfg = TrainConfig(**cfg)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    return {"local_only": local_only(trainer, sites, mixed, train_cfg, say),
-            "centralized": centralized(trainer, sites, mixed, train_cfg, say),
-            "seconds": time.perf_counter() - start}
+    out: dict = {name: BASELINES[name](trainer, sites, mixed, train_cfg, say) for name in names}
+    return out | {"seconds": time.perf_counter() - start}
 
 
 class BaselineWorker:
-    """`run_baselines` in a fresh one-thread daemon process (it dies with `fedmoe
-    simulate`, so a failed federation never waits on it); `result()` waits for it."""
+    """`run_baselines(names)` in a fresh one-thread daemon process (it dies with `fedmoe
+    simulate`, so a failed federation never waits on it); `result()` waits for it.
+    `fedmoe simulate` runs one per baseline: their training is about equal (each site
+    alone for the federation's steps; each domain pooled for as many steps as its sites)."""
 
-    def __init__(self, model_dir, quant: str, suite, cfg: TrainConfig):
+    def __init__(self, model_dir, quant: str, suite, cfg: TrainConfig, names=tuple(BASELINES)):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_worker_main, args=(child, str(model_dir), quant, str(suite), asdict(cfg)),
-                                   name="fedmoe-baselines", daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, str(model_dir), quant, str(suite), asdict(cfg), tuple(names)),
+                                   name=f"fedmoe-baselines-{'-'.join(names)}", daemon=True)
         self.process.start()
         child.close()
 
@@ -101,17 +105,17 @@ class BaselineWorker:
             self.process.join(5)
 
 
-def _worker_main(conn, model_dir: str, quant: str, suite: str, cfg: dict) -> None:
+def _worker_main(conn, model_dir: str, quant: str, suite: str, cfg: dict, names: tuple[str, ...]) -> None:
     import os
 
     import torch
 
     torch.set_num_threads(1)
-    # As nice as Ray makes the simulation's actors (RAY_worker_niceness, 15): the worker
-    # shares the cores with the federation instead of starving it.
-    os.nice(max(0, int(os.environ.get("RAY_worker_niceness", 15)) - os.nice(0)))
+    # Nicer than the simulation's Ray actors (RAY_worker_niceness, 15): the federation and
+    # then the MoE stage are the run's critical path; the baselines fill the cores they leave.
+    os.nice(max(0, int(os.environ.get("RAY_worker_niceness", 15)) + 4 - os.nice(0)))
     try:
-        conn.send(("ok", run_baselines(model_dir, quant, suite, cfg)))
+        conn.send(("ok", run_baselines(model_dir, quant, suite, cfg, names)))
     except Exception as exc:  # sent back whole: the parent reports it in one line
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:

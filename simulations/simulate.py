@@ -93,7 +93,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     import torch
 
     from fedmoe.server.server_app import FederationPlan
-    from fedmoe.simulations.baselines import BaselineWorker
+    from fedmoe.simulations.baselines import BASELINES, BaselineWorker
     from fedmoe.server.strategy import StrategyConfig
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
     from fedmoe.shared.pretrain import ensure_default_model
@@ -145,11 +145,11 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     stages = StageClock()
-    worker = None
+    workers = []
     if baselines:  # independent of the federation: trained beside it (fedmoe.simulations.baselines)
         cfg = TrainConfig(steps=preset.local_steps * rounds, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed)
-        worker = BaselineWorker(model_dir, preset.quant, suite, cfg)
-        log("baselines local_only and centralized: training in a worker process beside the federation")
+        workers = [BaselineWorker(model_dir, preset.quant, suite, cfg, [name]) for name in BASELINES]
+        log(f"baselines {' and '.join(BASELINES)}: training in worker processes beside the federation")
     try:
         log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
             f"{aggregation} aggregation, {preset.quant} sites -> {out_dir}")
@@ -157,7 +157,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
             results = run_flower(plan, site_plan, ray_address)
         fed_seconds = stages.seconds["federation"]
         threads = torch.get_num_threads()
-        if worker and worker.running():  # one core stays the baseline worker's while it runs
+        if any(w.running() for w in workers):  # the baseline workers keep a core while they run
             torch.set_num_threads(1)
 
         counts = {d: sum(1 for r in mixed if r.domain == d) for d in sorted({r.domain for r in mixed})}
@@ -186,13 +186,13 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
             for name, entry in moe_results.items():
                 methods[name] = entry
                 log(f"scored {name}: mixed {entry['mixed']:.3f}")
-        if worker:
+        if workers:
             with stages("baselines (waiting)"):
-                done = worker.result()
+                done = [w.result() for w in workers]
             torch.set_num_threads(threads)
-            stages.seconds["baselines (worker)"] = done["seconds"]
-            add("local_only", done["local_only"])
-            add("centralized", done["centralized"])
+            for name, result in zip(BASELINES, done):
+                stages.seconds[f"baseline {name} (worker)"] = result["seconds"]
+                add(name, result[name])
         report = {
             "preset": preset_name, "seed": preset.seed, "aggregation": aggregation, "rounds": rounds, "quant": preset.quant,
             "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
@@ -209,8 +209,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         write_report(out_dir, report)
         return report
     finally:
-        if worker is not None:
-            worker.stop()
+        for w in workers:
+            w.stop()
 
 
 class StageClock:

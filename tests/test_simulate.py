@@ -23,8 +23,10 @@ def test_report_has_every_method_with_fractions(smoke_run):
         assert (smoke_run / name).stat().st_size > 0
     assert "experts_oracle" in (smoke_run / "report.md").read_text()
     stages = report["stage_seconds"]
-    assert {"federation", "scoring", "baselines (worker)", "moe"} <= set(stages)
-    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= report["wall_seconds"] + stages["baselines (worker)"]
+    workers = ("baseline local_only (worker)", "baseline centralized (worker)")
+    assert {"federation", "scoring", "moe", *workers} <= set(stages) and all(v >= 0 for v in stages.values())
+    assert sum(v for k, v in stages.items() if k not in workers) <= report["wall_seconds"]
+    assert max(stages[w] for w in workers) <= report["wall_seconds"]
 
 
 def test_baselines_in_their_worker_match_the_same_run_in_process(suite_dir, tiny_model_dir, tmp_path):
@@ -40,13 +42,15 @@ def test_baselines_in_their_worker_match_the_same_run_in_process(suite_dir, tiny
     shutil.copy(suite_dir / "mixed-eval.jsonl", suite / "mixed-eval.jsonl")
     domains = {json.loads(line)["domain"] for line in (suite_dir / "mixed-eval.jsonl").read_text().splitlines()}
     cfg = TrainConfig(steps=6, batch_size=8, seed=3)
-    worker = BaselineWorker(tiny_model_dir, "none", suite, cfg)
+    workers = [BaselineWorker(tiny_model_dir, "none", suite, cfg, [name]) for name in ("local_only", "centralized")]
     try:
         here = run_baselines(str(tiny_model_dir), "none", str(suite), cfg.__dict__)
-        there = worker.result()
+        there = [w.result() for w in workers]
     finally:
-        worker.stop()
-    assert there["local_only"] == here["local_only"] and there["centralized"] == here["centralized"]
+        for w in workers:
+            w.stop()
+    assert there[0]["local_only"] == here["local_only"] and there[1]["centralized"] == here["centralized"]
+    assert "centralized" not in there[0] and "local_only" not in there[1]
     assert set(here["local_only"]) == set(here["centralized"]) and set(here["local_only"]) < domains
 
 
