@@ -93,7 +93,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     import torch
 
     from fedmoe.server.server_app import FederationPlan
-    from fedmoe.simulations.baselines import BASELINES, BaselineWorker
+    from fedmoe.simulations.baselines import BASELINES, BaselineWorker, worker_groups
     from fedmoe.server.strategy import StrategyConfig
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
     from fedmoe.shared.pretrain import ensure_default_model
@@ -148,8 +148,9 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
     workers = []
     if baselines:  # independent of the federation: trained beside it (fedmoe.simulations.baselines)
         cfg = TrainConfig(steps=preset.local_steps * rounds, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed)
-        workers = [BaselineWorker(model_dir, preset.quant, suite, cfg, [name]) for name in BASELINES]
-        log(f"baselines {' and '.join(BASELINES)}: training in worker processes beside the federation")
+        groups = worker_groups(len(sites), cfg.steps)
+        workers = [BaselineWorker(model_dir, preset.quant, suite, cfg, names) for names in groups]
+        log(f"baselines {' and '.join(BASELINES)}: training in {len(workers)} worker process(es) beside the federation")
     try:
         log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
             f"{aggregation} aggregation, {preset.quant} sites -> {out_dir}")
@@ -190,9 +191,10 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
             with stages("baselines (waiting)"):
                 done = [w.result() for w in workers]
             torch.set_num_threads(threads)
-            for name, result in zip(BASELINES, done):
-                stages.seconds[f"baseline {name} (worker)"] = result["seconds"]
-                add(name, result[name])
+            for names, result in zip(groups, done):
+                stages.seconds[f"baseline {' + '.join(names)} (worker)"] = result["seconds"]
+                for name in names:
+                    add(name, result[name])
         report = {
             "preset": preset_name, "seed": preset.seed, "aggregation": aggregation, "rounds": rounds, "quant": preset.quant,
             "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),

@@ -23,7 +23,7 @@ def test_report_has_every_method_with_fractions(smoke_run):
         assert (smoke_run / name).stat().st_size > 0
     assert "experts_oracle" in (smoke_run / "report.md").read_text()
     stages = report["stage_seconds"]
-    workers = ("baseline local_only (worker)", "baseline centralized (worker)")
+    workers = ("baseline local_only + centralized (worker)",)  # the smoke preset's baselines share one worker
     assert {"federation", "scoring", "moe", *workers} <= set(stages) and all(v >= 0 for v in stages.values())
     assert sum(v for k, v in stages.items() if k not in workers) <= report["wall_seconds"]
     assert max(stages[w] for w in workers) <= report["wall_seconds"]
@@ -115,3 +115,12 @@ def test_baselines_worker_failure_is_one_line(tmp_path, tiny_model_dir):
     with pytest.raises(FedmoeError, match="baselines failed: FedmoeError: suite folder not found"):
         worker.result()
     assert not worker.process.is_alive()
+
+
+def test_baseline_workers_split_only_with_enough_training():
+    from fedmoe.simulations.baselines import worker_groups
+    from fedmoe.simulations.presets import PRESETS
+
+    smoke, default = PRESETS["smoke"], PRESETS["default"]
+    assert worker_groups(smoke.sites, smoke.local_steps * smoke.rounds) == [("local_only", "centralized")]
+    assert worker_groups(default.sites, default.local_steps * default.rounds) == [("local_only",), ("centralized",)]
