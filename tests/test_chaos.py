@@ -69,7 +69,7 @@ def test_strategy_rejects_nan_and_shape_faults_with_reasons():
 
 
 @pytest.mark.slow
-def test_chaos_smoke_run_rejects_every_fault_and_keeps_accuracy(tmp_path, smoke_run):
+def test_chaos_smoke_run_rejects_every_fault_with_its_reason(tmp_path):
     out = tmp_path / "chaos"
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--rounds", "2",
@@ -87,5 +87,22 @@ def test_chaos_smoke_run_rejects_every_fault_and_keeps_accuracy(tmp_path, smoke_
             assert item["outcome"] == "rejected" and "outlier" in item["reason"], item
         else:
             assert item["outcome"] == "failed" and item["reason"].startswith("site error"), item
+
+
+@pytest.mark.slow
+def test_boosted_attacker_leaves_accuracy_within_two_points(tmp_path, smoke_run):
+    """The attacker alone (one boosted update, round 1): robust aggregation rejects it and
+    the experts score within 2 points of the clean run. (In the mixed chaos run above the
+    NaN, shape and dropout faults also remove honest updates, so its accuracy is not the
+    attacker's doing.)"""
+    out = tmp_path / "attacked"
+    proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--rounds", "2",
+                           "--no-baselines", "--no-mia", "--no-moe", "--robust", "norm", "--chaos", "scale=0.2,seed=5",
+                           "--out", str(out), "--json"], capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    [attack] = report["chaos"]["injected"]
+    assert attack["fault"] == "scale" and attack["outcome"] == "rejected" and "outlier" in attack["reason"], attack
     clean = json.loads((smoke_run / "report.json").read_text())["methods"]["experts_oracle"]["mixed"]
     assert abs(report["methods"]["experts_oracle"]["mixed"] - clean) <= 0.02
