@@ -1,11 +1,11 @@
 """Baselines for the report: each site alone (`local_only`) and pooled data per domain
 (`centralized`).
 
-They need nothing from the federation, so `fedmoe simulate` trains them in a worker
-process of their own (`start_baselines`) while the federation runs: on a small machine
-the Ray actors leave cores idle between rounds and while the coordinator aggregates,
-scores and builds the gates, and the baselines fill them. Every job is seeded, so the
-numbers do not depend on how the two overlap.
+They need nothing from the federation, so `fedmoe simulate` trains them in worker
+processes (`BaselineWorker`, grouped by `worker_groups`) while the federation runs, at a
+lower priority than the simulated sites: the federation and then the MoE stage are the
+run's critical path, and the baselines fill the cores those leave. Every job is seeded,
+so the numbers do not depend on how they overlap.
 """
 
 from __future__ import annotations
