@@ -95,8 +95,8 @@ _FORWARD_ARGS: dict[type, bool] = {}
 def pads_left(model) -> bool:
     """Whether the model takes `position_ids` and `logits_to_keep` (transformers' causal
     LMs do): then batches are left-padded and the LM head runs only on the positions that
-    predict a completion token — a 2048-word head over every prompt token was ~20% of a
-    LoRA step on the default model."""
+    predict a completion token (measured on the default model's 2048-word head: 0.93x
+    the CPU time of a LoRA step)."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
