@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe.client import daemon, secagg
+from fedmoe.client.jobs import evaluate_in_process, train_in_process
 
 DAEMON_TIMEOUT = 24 * 3600.0  # the coordinator's round deadline is what bounds a round
 
@@ -37,38 +38,6 @@ def daemon_for(context: Context, plan: list[dict] | None) -> str | None:
         return None
     address = context.node_config.get("daemon-address")
     return str(address) if address else None
-
-
-def train_config(cfg):
-    from fedmoe.shared.training import TrainConfig
-
-    return TrainConfig(steps=int(cfg["steps"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
-                       seed=int(cfg["seed"]), prox_mu=float(cfg.get("prox-mu", 0.0)))
-
-
-def train_in_process(settings, arrays, cfg, chaos: dict | None = None):
-    """One TRAIN, here: decode the received adapter, train with the config's privacy
-    options, encode the reply. The site daemon calls this too, so both paths are one."""
-    from fedmoe.client import site
-    from fedmoe.shared import compression
-
-    received = compression.decode(arrays, cfg)
-    trained, metrics = site.train(settings, received, train_config(cfg),
-                                  {k: cfg[k] for k in ("freeze-a", "dp-clip") if k in cfg})
-    if chaos is not None:
-        from fedmoe.client.chaos import corrupt_for
-
-        trained = corrupt_for(chaos, cfg, site.describe(settings)["site"], trained)
-    out_arrays, meta = site.encode_reply(settings, str(cfg.get("expert", "")), received, trained,
-                                         str(cfg.get("compression", "none")))
-    return out_arrays, meta, metrics
-
-
-def evaluate_in_process(settings, arrays, cfg) -> dict:
-    from fedmoe.client import site
-    from fedmoe.shared.delta import LoraDelta
-
-    return site.evaluate(settings, LoraDelta.from_records(arrays, cfg))
 
 
 def build_client_app(plan: list[dict] | None = None) -> ClientApp:

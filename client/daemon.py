@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import threading
 import time
@@ -26,27 +25,11 @@ import grpc
 
 from fedmoe.protos import site_daemon_pb2, site_daemon_pb2_grpc
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.network import is_loopback_host, split_host_port  # noqa: F401 (re-exported)
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # adapters of large models are far over gRPC's 4 MB default
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-
-
-def is_loopback_host(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_host_port(address: str, what: str = "address") -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise FedmoeError(f"{what} {address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 def check_local_address(address: str) -> str:
@@ -121,7 +104,7 @@ class SiteDaemonServicer(site_daemon_pb2_grpc.SiteDaemonServicer):
         return self._run(context, go)
 
     def Train(self, request, context):
-        from fedmoe.client.client_app import train_in_process
+        from fedmoe.client.jobs import train_in_process
 
         arrived = time.time()
 
@@ -141,7 +124,7 @@ class SiteDaemonServicer(site_daemon_pb2_grpc.SiteDaemonServicer):
         return self._run(context, go)
 
     def Evaluate(self, request, context):
-        from fedmoe.client.client_app import evaluate_in_process
+        from fedmoe.client.jobs import evaluate_in_process
 
         def go():
             arrays, config = payload_to_records(request.payload)
@@ -162,7 +145,8 @@ def serve(settings, address: str, audit_path: str | Path, log=None, workers: int
     site.trainer_for(settings)  # loads (and quantizes) the model once, now, not in round 1
     # Import now what the first TRAIN would import (Flower records, codecs, privacy): measured
     # ~20 s of round 1 on a loaded 2-core machine otherwise.
-    import fedmoe.client.client_app  # noqa: F401
+    import flwr.app  # noqa: F401
+    import fedmoe.client.jobs  # noqa: F401
     import fedmoe.client.privacy  # noqa: F401
     import fedmoe.shared.compression  # noqa: F401
     if log:

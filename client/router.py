@@ -20,22 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.features import PromptFeaturizer, record_prompt
+from fedmoe.shared.features import LinearRouter, PromptFeaturizer, record_prompt  # noqa: F401
 from fedmoe.shared.training import collate, encode_record, pads_left, score_batch
-
-
-class LinearRouter(torch.nn.Module):
-    """logits = W (sqrt(d) x) + b; sqrt(d) undoes the features' 1/sqrt(d) scale."""
-
-    def __init__(self, dim: int, experts: int):
-        super().__init__()
-        self.dim = dim
-        self.proj = torch.nn.Linear(dim, experts)
-        torch.nn.init.zeros_(self.proj.weight)
-        torch.nn.init.zeros_(self.proj.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features * math.sqrt(self.dim))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 the site's FFA-LoRA update before it leaves.
 
 SecAgg+ in Flower 1.42 is the legacy workflow (`flwr.server.workflow.SecAggPlusWorkflow`
-on the coordinator, fedmoe.server.secagg): its four stages are TRAIN messages whose
+on the coordinator, fedmoe.server.federation.secagg): its four stages are TRAIN messages whose
 `secaggplus` ConfigRecord says the stage. `secaggplus_mod` answers the key-exchange and
 unmask stages itself and calls the ClientApp's train function once, in the
 masked-vectors stage, with a legacy FitIns (`fitins.*` records). That call trains like

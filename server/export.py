@@ -11,7 +11,7 @@ cache travels as plain tensors:
 
 The first step feeds a past of length 0, so one graph serves prefill and decode. Layer
 count and cache shapes come from a real forward pass, not from config field names, so
-nothing here is specific to one architecture. `fedmoe.client.edge` runs the result with
+nothing here is specific to one architecture. `fedmoe.shared.edge` runs the result with
 onnxruntime and `tokenizers` alone.
 """
 

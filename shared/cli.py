@@ -13,23 +13,15 @@ import sys
 
 from fedmoe.shared.errors import FedmoeError
 
-# Each module exposes register(subparsers); the order is the order in --help.
-COMMAND_MODULES = (
-    "fedmoe.shared.commands",
-    "fedmoe.client.commands",
-    "fedmoe.client.site_cli",
-    "fedmoe.simulations.commands",
-    "fedmoe.server.commands",
-    "fedmoe.server.serve_cli",
-    "fedmoe.server.coordinator_cli",
-    "fedmoe.server.keys_cli",
-    "fedmoe.server.export_cli",
-    "fedmoe.server.dashboard_cli",
-)
+# Each package registers its commands through the `fedmoe.commands` entry point group
+# (pyproject.toml), so this module imports no package above `fedmoe.shared`; another
+# installed package can add commands the same way. ORDER is the order in --help.
+ENTRY_POINT_GROUP = "fedmoe.commands"
+ORDER = ("shared", "client", "simulations", "server")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
+    from importlib.metadata import entry_points
 
     parser = argparse.ArgumentParser(
         prog="fedmoe",
@@ -37,14 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP),
+                   key=lambda ep: (ORDER.index(ep.name) if ep.name in ORDER else len(ORDER), ep.name))
+    if not found:
+        raise SystemExit("fedmoe: error: no commands registered: install the package (pip install -e .)")
+    for ep in found:
+        ep.load()(sub)
     return parser
 
 

@@ -147,3 +147,17 @@ class PromptFeaturizer:
 def record_prompt(record) -> str:
     """What routing sees of a record: its prompt (a text record: its text)."""
     return record.completion if record.is_text else record.prompt
+
+
+class LinearRouter(torch.nn.Module):
+    """logits = W (sqrt(d) x) + b; sqrt(d) undoes the features' 1/sqrt(d) scale."""
+
+    def __init__(self, dim: int, experts: int):
+        super().__init__()
+        self.dim = dim
+        self.proj = torch.nn.Linear(dim, experts)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features * math.sqrt(self.dim))

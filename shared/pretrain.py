@@ -137,7 +137,7 @@ def pretrain(out: str | Path, preset_name: str = "tiny", progress=None, steps: i
     preset = PRESETS[preset_name]
     steps = steps if steps is not None else preset.steps
     start = time.perf_counter()
-    from fedmoe.simulations.domain_suite import general_lexicon
+    from fedmoe.shared.synthetic_vocabulary import general_lexicon
 
     corpus = general_corpus(preset.corpus_size, preset.seed, general_lexicon())
     tokenizer = train_tokenizer(corpus, preset.vocab_size)

@@ -66,8 +66,8 @@ def cmd_make_suite(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from fedmoe.server.faults import armed_faults
-    from fedmoe.server.privacy import default_clip
+    from fedmoe.server.federation.faults import armed_faults
+    from fedmoe.server.federation.privacy import default_clip
     from fedmoe.shared.errors import FedmoeError
     from fedmoe.simulations.simulate import report_table, resume_args, simulate
 

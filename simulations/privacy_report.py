@@ -8,7 +8,7 @@ from pathlib import Path
 
 def sections(out_dir: Path, model_dir, sites, rounds: int, seed: int, baselines: bool, robust: str, chaos: str | None,
              plan, results: dict, experts: dict[str, Path]) -> dict:
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     store = RunStore(out_dir, readonly=True)
     participation, metrics = store.participation(), store.metrics("dp_epsilon")
@@ -37,7 +37,7 @@ def sections(out_dir: Path, model_dir, sites, rounds: int, seed: int, baselines:
 
 def chaos_section(chaos: str, seed: int, rounds: int, sites, baselines: bool, participation: list[dict]) -> dict:
     from fedmoe.client.chaos import FAULTS, chaos_seed, parse_chaos, schedule
-    from fedmoe.server.strategy import SINGLE_EXPERT
+    from fedmoe.server.federation.strategy import SINGLE_EXPERT
 
     names = [Path(s.path).name for s in sites]
     experts_of = {Path(s.path).name: [s.domain] + ([SINGLE_EXPERT] if baselines else []) for s in sites}
@@ -59,7 +59,7 @@ def chaos_section(chaos: str, seed: int, rounds: int, sites, baselines: bool, pa
 def membership_inference(model_dir, sites, experts: dict[str, Path]) -> dict:
     """Loss-threshold attack: AUC of -loss separating a site's training records (members)
     from its held-out records (non-members) under the site's domain expert. 0.5 = no signal."""
-    from fedmoe.server.privacy import loss_threshold_auc, record_losses
+    from fedmoe.server.federation.privacy import loss_threshold_auc, record_losses
     from fedmoe.shared.modeling import load_adapter, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)

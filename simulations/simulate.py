@@ -42,7 +42,7 @@ def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
     from flwr.simulation import run_simulation
 
     from fedmoe.client.client_app import build_client_app
-    from fedmoe.server.server_app import build_server_app
+    from fedmoe.server.federation.server_app import build_server_app
 
     results: dict = {}
     backend_config: dict = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
@@ -92,9 +92,9 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              max_retries: int = 1) -> dict:
     import torch
 
-    from fedmoe.server.server_app import FederationPlan
+    from fedmoe.server.federation.server_app import FederationPlan
     from fedmoe.simulations.baselines import BASELINES, BaselineWorker, worker_groups
-    from fedmoe.server.strategy import StrategyConfig
+    from fedmoe.server.federation.strategy import StrategyConfig
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
     from fedmoe.shared.pretrain import ensure_default_model
     from fedmoe.shared.training import TrainConfig, evaluate
@@ -178,7 +178,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
             if baselines:
                 add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed, route=lambda d: "all"))
         if moe and len(experts) > 1:
-            from fedmoe.server.moe_report import moe_methods
+            from fedmoe.simulations.moe_report import moe_methods
 
             with stages("moe"):
                 moe_results = moe_methods(model_dir, experts, mixed, sites, seed=preset.seed, gate_dir=out_dir / "gates",
@@ -231,7 +231,7 @@ class StageClock:
 
 def wire_bytes(out_dir: Path) -> dict:
     """Encoded adapter bytes per site per round, each way, from the run store."""
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     store = RunStore(out_dir, readonly=True)
     rows = [p for p in store.participation() if p["status"] == "ok"]
@@ -276,7 +276,7 @@ def plot_report(out_dir: Path, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     names = list(report["methods"])
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.1), 4))

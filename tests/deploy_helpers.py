@@ -46,6 +46,6 @@ class Proc:
         raise AssertionError(f"{self.name}: no {pattern!r} within {timeout:.0f}s; log tail:\n{self.text()[-3000:]}")
 
     def stop(self) -> None:
-        from fedmoe.client.site_cli import stop_group
+        from fedmoe.shared.processes import stop_group
 
         stop_group(self.popen, grace=10)

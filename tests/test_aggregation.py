@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedmoe.server.aggregation import (dense_update, exact_lora_aggregate, initial_adapter, naive_lora_aggregate,
+from fedmoe.server.federation.aggregation import (dense_update, exact_lora_aggregate, initial_adapter, naive_lora_aggregate,
                                        to_site_delta)
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 

@@ -12,7 +12,7 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedmoe.client import chaos
-from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, StrategyConfig
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import FedmoeError
 

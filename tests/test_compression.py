@@ -5,7 +5,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedmoe.client import site
-from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, StrategyConfig
 from fedmoe.shared import compression as C
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError

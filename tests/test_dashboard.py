@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe.server.dashboard import start_dashboard
-from fedmoe.server.run_store import RunStore
+from fedmoe.server.ops.dashboard import start_dashboard
+from fedmoe.server.federation.run_store import RunStore
 
 from test_operator_api import add_round, live_copy  # noqa: E402 (tests/ is on sys.path under pytest)
 

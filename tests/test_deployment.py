@@ -67,7 +67,7 @@ def deployment(tmp_path_factory):
 
 
 def test_two_sites_two_rounds(deployment):
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
     from fedmoe.shared.modeling import load_adapter, load_base_model
 
     d = deployment
@@ -106,7 +106,7 @@ def _model_dir() -> Path:
 
 
 def test_site_killed_mid_round_does_not_hang(deployment):
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     d = deployment
     # The site supervisor noticed its SuperNode died and stopped (daemon included).

@@ -75,7 +75,7 @@ def auth_deployment(tmp_path_factory):
 
 
 def test_unregistered_site_is_refused(auth_deployment):
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     d = auth_deployment
     assert d["stranger_rc"] == 1, d["stranger"].text()[-2000:]  # its SuperNode gave up; the site stopped
@@ -90,7 +90,7 @@ def test_unregistered_site_is_refused(auth_deployment):
 
 
 def test_registered_sites_train_through_secagg(auth_deployment):
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     d = auth_deployment
     assert d["coord_rc"] == 0, d["coord"].text()[-3000:]

@@ -89,7 +89,7 @@ def _peft_logits(model, ids) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_onnx_logits_and_greedy_tokens_match_peft(arch, runs, onnx_dirs):
-    from fedmoe.client.edge import EdgeModel
+    from fedmoe.shared.edge import EdgeModel
 
     run, expert = runs[arch]
     peft_model = _peft_model(run, expert)
@@ -125,7 +125,7 @@ def test_onnx_logits_and_greedy_tokens_match_peft(arch, runs, onnx_dirs):
 
 
 def test_int8_is_smaller_and_close(runs, onnx_dirs, tmp_path):
-    from fedmoe.client.edge import EdgeModel
+    from fedmoe.shared.edge import EdgeModel
     from fedmoe.server.export import onnx_bytes, quantize_edge_dir
 
     # llama: quantize the fp32 export; gpt2: the CLI's --quantize int8 (with the torchscript exporter).
@@ -146,7 +146,7 @@ def test_int8_is_smaller_and_close(runs, onnx_dirs, tmp_path):
 
 
 def test_sampling_is_seeded(onnx_dirs):
-    from fedmoe.client.edge import EdgeModel
+    from fedmoe.shared.edge import EdgeModel
 
     edge = EdgeModel(onnx_dirs["llama"], threads=1)
     a = edge.generate("the physician at the clinic", max_new_tokens=12, temperature=1.0, seed=3)

@@ -1,4 +1,4 @@
-"""Crash safety at named points: the coordinator is SIGKILLed (FEDMOE_FAULT, fedmoe.server.faults)
+"""Crash safety at named points: the coordinator is SIGKILLed (FEDMOE_FAULT, fedmoe.server.federation.faults)
 during site training, during aggregation, between a checkpoint's temporary file and its
 rename, and before the round's SQLite commit; `--resume` must then give exactly what
 an uninterrupted run with the same seeds gives, with no gap and no duplicated round."""
@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
-from fedmoe.server.faults import parse_faults
-from fedmoe.server.run_store import RunStore
+from fedmoe.server.federation.faults import parse_faults
+from fedmoe.server.federation.run_store import RunStore
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.simulations.benchmarks.resume import (committed_rounds, federated_numbers, federation_record, run_simulate,
                                                   simulate_cmd)
@@ -49,7 +49,7 @@ def test_bench_resume_needs_a_kill(tmp_path):
 
 STORE_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
     from fedmoe.shared.delta import LoraDelta
 
     def delta(seed):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedmoe.server import keys
+from fedmoe.server.ops import keys
 from fedmoe.shared.errors import FedmoeError
 
 

@@ -28,8 +28,8 @@ def mixed(suite_dir):
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, domain_adapters, sites):
-    from fedmoe.server.moe_report import build_gates
-    from fedmoe.server.served_model import ServedModel
+    from fedmoe.simulations.moe_report import build_gates
+    from fedmoe.server.moe.served_model import ServedModel
 
     served = ServedModel(tiny_model_dir, domain_adapters, "cpu")
     served.build_info = build_gates(served, sites, seed=0, router_max_records=32)
@@ -70,8 +70,8 @@ def test_site_prototype_message_has_no_text_and_no_token_ids(tiny_model_dir, sit
 
 
 def test_arrow_gate_uses_no_data(served):
-    from fedmoe.server.gates import GATES
-    from fedmoe.server.gates.arrow import ROUTER, ArrowGate
+    from fedmoe.server.moe.gates import GATES
+    from fedmoe.server.moe.gates.arrow import ROUTER, ArrowGate
 
     params = set(inspect.signature(ArrowGate.__init__).parameters) - {"self"}
     assert params == {"served", "top_k", "temperature", "blocks", "seed"}
@@ -86,7 +86,7 @@ def test_arrow_gate_uses_no_data(served):
 
 
 def test_data_driven_gates_route_mixed_prompts_to_their_domain(served, mixed):
-    from fedmoe.server.moe_report import routing_accuracy
+    from fedmoe.simulations.moe_report import routing_accuracy
     from fedmoe.shared.training import evaluate
 
     oracle = evaluate(served.lm, served.tokenizer, mixed,
@@ -131,7 +131,7 @@ def test_gated_generation_answers_like_the_routed_expert(served, mixed):
 
 
 def test_static_merges_are_peft_weighted_adapters(served, mixed):
-    from fedmoe.server.static_merge import STATIC_MERGES, add_static_merge
+    from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge
     from fedmoe.shared.training import evaluate
 
     assert set(STATIC_MERGES) == {"linear", "ties", "dare_ties", "svd"}
@@ -148,7 +148,7 @@ def test_static_merges_are_peft_weighted_adapters(served, mixed):
 
 
 def test_gate_state_round_trips_and_bad_requests_are_clear(served, mixed, tmp_path):
-    from fedmoe.server.gates import available_gates, load_gate, save_gate
+    from fedmoe.server.moe.gates import available_gates, load_gate, save_gate
 
     for name in ("prototype", "learned"):
         save_gate(served.gates[name], tmp_path)

@@ -13,7 +13,7 @@ METHODS = ("moe_arrow", "moe_prototype", "moe_learned", "static_linear", "static
 
 
 def test_moe_methods_report_fields(tiny_model_dir, domain_adapters, suite_dir, tmp_path):
-    from fedmoe.server.moe_report import moe_methods
+    from fedmoe.simulations.moe_report import moe_methods
     from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
 
     mixed = load_mixed_eval(suite_dir)[:64]  # enough to compare methods; keeps the test short
@@ -42,7 +42,7 @@ def test_moe_methods_report_fields(tiny_model_dir, domain_adapters, suite_dir, t
 
 
 def test_moe_methods_refuses_a_domain_without_expert(tiny_model_dir, domain_adapters, suite_dir):
-    from fedmoe.server.moe_report import moe_methods
+    from fedmoe.simulations.moe_report import moe_methods
     from fedmoe.shared.data import load_mixed_eval
 
     experts = {d: p for d, p in domain_adapters.items() if d != "law"}

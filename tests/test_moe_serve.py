@@ -18,9 +18,9 @@ import pytest
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, domain_adapters, suite_dir, tmp_path_factory):
     """A finished run as `fedmoe simulate` leaves it: run.json, experts/, gates/."""
-    from fedmoe.server.gates import save_gate
-    from fedmoe.server.moe_report import build_gates
-    from fedmoe.server.served_model import ServedModel
+    from fedmoe.server.moe.gates import save_gate
+    from fedmoe.simulations.moe_report import build_gates
+    from fedmoe.server.moe.served_model import ServedModel
     from fedmoe.shared.data import find_sites, load_site
     from fedmoe.shared.modeling import model_fingerprint
     from fedmoe.shared.runs import write_run_info

@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedmoe.server.dashboard import RunView, checkpoint_norms, start_dashboard
-from fedmoe.server.operator_service import OperatorClient, start_operator_server
-from fedmoe.server.run_store import RunStore
+from fedmoe.server.ops.dashboard import RunView, checkpoint_norms, start_dashboard
+from fedmoe.server.ops.operator_service import OperatorClient, start_operator_server
+from fedmoe.server.federation.run_store import RunStore
 
 TOKEN = "test-token-0123456789"
 ROUTES = ["/", "/index.html", "/static/dashboard.js", "/static/dashboard.css", "/static/plotly.min.js", "/favicon.ico",

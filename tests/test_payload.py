@@ -6,7 +6,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmoe.client.client_app import build_client_app
-from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, StrategyConfig
 from fedmoe.shared.data import find_sites, load_site
 from fedmoe.shared.delta import A_SUFFIX, B_SUFFIX
 from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint

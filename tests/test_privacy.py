@@ -8,9 +8,9 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedmoe.client.privacy import b_update_norm, clip_b_update
-from fedmoe.server.aggregation import dense_update
-from fedmoe.server.privacy import PrivacyAccountant, loss_threshold_auc
-from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+from fedmoe.server.federation.aggregation import dense_update
+from fedmoe.server.federation.privacy import PrivacyAccountant, loss_threshold_auc
+from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, StrategyConfig
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 
 MODULES = {"m.q_proj": (16, 12), "m.v_proj": (16, 8)}

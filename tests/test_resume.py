@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from fedmoe.server.run_store import RunStore
+from fedmoe.server.federation.run_store import RunStore
 from fedmoe.shared.delta import LoraDelta
 
 
@@ -96,8 +96,8 @@ def test_coordinator_resume_uses_the_run_config_it_started_with(tmp_path, tiny_m
     the deployed ServerApp plans from (it then calls the same `resume_experts` as simulate)."""
     import tomli_w
 
-    from fedmoe.server.coordinator import APP_CONFIG, Security, run_coordinator, stored_run_config
-    from fedmoe.server.server_app import plan_from_run_config
+    from fedmoe.server.federation.coordinator import APP_CONFIG, Security, run_coordinator, stored_run_config
+    from fedmoe.server.federation.server_app import plan_from_run_config
     from fedmoe.shared.errors import FedmoeError
 
     proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "coordinator", "start", "--insecure", "--resume",
@@ -121,8 +121,8 @@ def test_coordinator_resume_uses_the_run_config_it_started_with(tmp_path, tiny_m
 def test_resume_replays_the_privacy_accountant(tmp_path):
     """The RDP accountant lives in memory: a resumed dp run must go on from the ε of its
     last committed round, not from 0 (else ε is under-reported and the budget overrun)."""
-    from fedmoe.server.server_app import resume_experts
-    from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+    from fedmoe.server.federation.server_app import resume_experts
+    from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, StrategyConfig
     from fedmoe.shared.delta import AdapterSpec
 
     def dp_strategy():

@@ -57,8 +57,8 @@ def secagg_run(tmp_path_factory, tiny_model_dir):
     from flwr.simulation import run_simulation
 
     from fedmoe.client.client_app import build_client_app
-    from fedmoe.server.server_app import FederationPlan, run_federation
-    from fedmoe.server.strategy import StrategyConfig
+    from fedmoe.server.federation.server_app import FederationPlan, run_federation
+    from fedmoe.server.federation.strategy import StrategyConfig
     from fedmoe.simulations.domain_suite import make_suite
 
     root = tmp_path_factory.mktemp("secagg")
@@ -87,7 +87,7 @@ def secagg_run(tmp_path_factory, tiny_model_dir):
 def site_updates(run) -> dict[int, tuple[list[np.ndarray], int]]:
     """node id -> (the site's unmasked update, its num-examples) for the sound sites,
     recomputed from the FitIns the coordinator sent each, through the site's own code."""
-    from fedmoe.client.client_app import train_in_process
+    from fedmoe.client.jobs import train_in_process
     from fedmoe.client.secagg import is_secagg_fit, masked_input
     from fedmoe.client.site import SiteSettings
     from flwr.common import parameters_to_ndarrays
@@ -119,10 +119,10 @@ def test_coordinator_never_holds_a_site_update_and_secagg_equals_plaintext(secag
     from flwr.common import bytes_to_ndarray
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-    from fedmoe.server.privacy import frozen_a_aggregate
-    from fedmoe.server.run_store import RunStore
-    from fedmoe.server.secagg import quantization_tolerance
-    from fedmoe.server.strategy import DomainExpertStrategy, Node
+    from fedmoe.server.federation.privacy import frozen_a_aggregate
+    from fedmoe.server.federation.run_store import RunStore
+    from fedmoe.server.federation.secagg import quantization_tolerance
+    from fedmoe.server.federation.strategy import DomainExpertStrategy, Node
     from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
 
     updates = site_updates(secagg_run)
@@ -191,8 +191,8 @@ def test_coordinator_never_holds_a_site_update_and_secagg_equals_plaintext(secag
 
 
 def test_secagg_needs_two_sites_per_expert():
-    from fedmoe.server.secagg import secagg_round
-    from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+    from fedmoe.server.federation.secagg import secagg_round
+    from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, StrategyConfig
     from fedmoe.shared.delta import AdapterSpec
     from fedmoe.shared.errors import FedmoeError
 
@@ -203,7 +203,7 @@ def test_secagg_needs_two_sites_per_expert():
 
 
 def test_quantization_range_never_wraps_the_masked_sum():
-    from fedmoe.server.secagg import quantization_range, quantization_tolerance
+    from fedmoe.server.federation.secagg import quantization_range, quantization_tolerance
 
     for n in (2, 3, 5, 16, 100, 1000):
         q = quantization_range(n)
@@ -212,7 +212,7 @@ def test_quantization_range_never_wraps_the_masked_sum():
 
 
 def test_secagg_refuses_options_that_need_single_updates():
-    from fedmoe.server.strategy import DomainExpertStrategy, StrategyConfig
+    from fedmoe.server.federation.strategy import DomainExpertStrategy, StrategyConfig
     from fedmoe.shared.delta import AdapterSpec
     from fedmoe.shared.errors import FedmoeError
 

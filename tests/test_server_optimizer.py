@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from fedmoe.server.aggregation import dense_update, exact_lora_aggregate
-from fedmoe.server.server_optimizer import FedAdam, truncated_lowrank
-from fedmoe.server.strategy import StrategyConfig
+from fedmoe.server.federation.aggregation import dense_update, exact_lora_aggregate
+from fedmoe.server.federation.server_optimizer import FedAdam, truncated_lowrank
+from fedmoe.server.federation.strategy import StrategyConfig
 from fedmoe.shared.errors import FedmoeError
 from tests.test_strategy import make_strategy, reply, trained
 

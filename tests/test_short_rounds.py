@@ -11,8 +11,8 @@ import torch
 from flwr.app import Error, Message
 from test_strategy import SPEC, reply, trained
 
-from fedmoe.server.run_store import RunStore
-from fedmoe.server.strategy import DomainExpertStrategy, Node, ShortRoundError, StrategyConfig
+from fedmoe.server.federation.run_store import RunStore
+from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, ShortRoundError, StrategyConfig
 from fedmoe.shared.errors import FedmoeError
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")

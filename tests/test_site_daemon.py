@@ -35,7 +35,8 @@ def served(tiny_model_dir, tmp_path_factory):
 
 
 def test_forwarded_train_round_trips_a_valid_delta(served):
-    from fedmoe.client import daemon, site
+    from fedmoe.client import daemon
+    from fedmoe.client import site
     from fedmoe.shared.delta import LoraDelta
 
     info = daemon.forward_describe(served["address"], 7, 60)
@@ -82,7 +83,7 @@ def test_daemon_errors_come_back_as_one_line(served):
 
 def test_daemon_and_transport_addresses_must_be_local():
     from fedmoe.client.daemon import check_local_address
-    from fedmoe.server.coordinator import Security, check_security
+    from fedmoe.server.federation.coordinator import Security, check_security
 
     assert check_local_address("127.0.0.1:5000") and check_local_address("unix:/tmp/x.sock")
     with pytest.raises(FedmoeError, match="not local"):
@@ -105,7 +106,7 @@ def test_insecure_off_loopback_is_refused_in_one_line(args):
 
 
 def test_app_config_matches_pyproject():
-    from fedmoe.server.coordinator import APP_CONFIG, CLIENT_APP, SERVER_APP
+    from fedmoe.server.federation.coordinator import APP_CONFIG, CLIENT_APP, SERVER_APP
 
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["config"] == APP_CONFIG
@@ -126,7 +127,7 @@ def test_forwarding_clientapp_serves_strategy_rounds(served, tiny_model_dir, pri
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmoe.client.client_app import build_client_app
-    from fedmoe.server.strategy import DomainExpertStrategy, Node, StrategyConfig
+    from fedmoe.server.federation.strategy import DomainExpertStrategy, Node, StrategyConfig
     from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
 
     old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)

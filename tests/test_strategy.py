@@ -4,8 +4,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedmoe.server.aggregation import dense_update, exact_lora_aggregate
-from fedmoe.server.strategy import SINGLE_EXPERT, DomainExpertStrategy, Node, StrategyConfig
+from fedmoe.server.federation.aggregation import dense_update, exact_lora_aggregate
+from fedmoe.server.federation.strategy import SINGLE_EXPERT, DomainExpertStrategy, Node, StrategyConfig
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 
 MODULES = {"m.q_proj": (16, 12), "m.v_proj": (16, 8)}

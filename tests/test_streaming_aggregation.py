@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedmoe.server import aggregation
-from fedmoe.server.aggregation import dense_update, exact_lora_aggregate, naive_lora_aggregate
-from fedmoe.server.streaming_aggregation import naive_lora_aggregate_stream, streaming_lora_aggregate
+from fedmoe.server.federation import aggregation
+from fedmoe.server.federation.aggregation import dense_update, exact_lora_aggregate, naive_lora_aggregate
+from fedmoe.server.federation.streaming_aggregation import naive_lora_aggregate_stream, streaming_lora_aggregate
 from fedmoe.shared.delta import LoraDelta
 
 MODULES = {"l.0.q_proj": (48, 40), "l.0.v_proj": (48, 24)}

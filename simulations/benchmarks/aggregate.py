@@ -9,8 +9,8 @@ its own; the source alone (producing the sites, no arithmetic) is timed in the s
 process and reported so both totals and source-free ("net") times can be compared.
 
 Methods: `naive` (FedIT: running sums of A and B, one pass), `stream` (exact: the
-randomized range finder of `fedmoe.server.streaming_aggregation`, 2 + 2·power_iters
-passes; `stream0` is the same without power iterations, 2 passes), `qr` (exact: the stacked thin QRs of `fedmoe.server.aggregation`; it holds the
+randomized range finder of `fedmoe.server.federation.streaming_aggregation`, 2 + 2·power_iters
+passes; `stream0` is the same without power iterations, 2 passes), `qr` (exact: the stacked thin QRs of `fedmoe.server.federation.aggregation`; it holds the
 N sites and a 4096 x Σr stack, so it runs only where Σr ≤ --qr-max-stack).
 
     fedmoe bench aggregate                          # 2 layers, N = 10, 100, 1000
@@ -88,8 +88,8 @@ class SiteSource:
 def worker(cfg: dict) -> dict:
     import torch
 
-    from fedmoe.server.aggregation import exact_lora_aggregate
-    from fedmoe.server.streaming_aggregation import naive_lora_aggregate_stream, streaming_lora_aggregate
+    from fedmoe.server.federation.aggregation import exact_lora_aggregate
+    from fedmoe.server.federation.streaming_aggregation import naive_lora_aggregate_stream, streaming_lora_aggregate
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -137,8 +137,8 @@ def accuracy_check(n: int, dim: int, rank: int, oversample: int, power_iters: in
     of the sum (the optimum), as a ratio ||ΔW - approx|| / ||ΔW - best_r||."""
     import torch
 
-    from fedmoe.server.aggregation import dense_update, exact_lora_aggregate
-    from fedmoe.server.streaming_aggregation import streaming_lora_aggregate
+    from fedmoe.server.federation.aggregation import dense_update, exact_lora_aggregate
+    from fedmoe.server.federation.streaming_aggregation import streaming_lora_aggregate
 
     src = SiteSource(n, 1, dim, rank, seed)
     src.modules = src.modules[:1]

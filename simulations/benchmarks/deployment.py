@@ -48,7 +48,7 @@ def site_latencies(run_dir: Path, work: Path) -> list[dict]:
     the round ended (`from_site_s`)."""
     import json
 
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     entries = [json.loads(line) for f in sorted(work.glob("site-*/audit.jsonl")) for line in f.read_text().splitlines()]
     store = RunStore(run_dir, readonly=True)
@@ -66,7 +66,7 @@ def site_latencies(run_dir: Path, work: Path) -> list[dict]:
 
 
 def round_overheads(run_dir: Path) -> dict:
-    from fedmoe.server.run_store import RunStore
+    from fedmoe.server.federation.run_store import RunStore
 
     store = RunStore(run_dir, readonly=True)
     try:
@@ -93,8 +93,8 @@ def _mean(xs):
 
 
 def run_simulation(suite: Path, model: Path, out: Path, args) -> float:
-    from fedmoe.server.server_app import FederationPlan
-    from fedmoe.server.strategy import StrategyConfig
+    from fedmoe.server.federation.server_app import FederationPlan
+    from fedmoe.server.federation.strategy import StrategyConfig
     from fedmoe.shared.data import find_sites, load_site
     from fedmoe.simulations.simulate import run_flower
 
@@ -115,7 +115,8 @@ def _spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
 
 
 def run_deployed(suite: Path, model: Path, out: Path, work: Path, args, daemon: bool) -> float:
-    from fedmoe.client.site_cli import free_port, stop_group
+    from fedmoe.shared.network import free_port
+    from fedmoe.shared.processes import stop_group
     from fedmoe.shared.data import find_sites
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",

@@ -37,7 +37,7 @@ def run(args) -> dict:
     import numpy as np
     import torch
 
-    from fedmoe.client.edge import EdgeModel
+    from fedmoe.shared.edge import EdgeModel
     from fedmoe.server.export import dir_bytes, export_onnx, load_merged, onnx_bytes, quantize_edge_dir, resolve_expert
     from fedmoe.shared.errors import FedmoeError
     from fedmoe.shared.runs import list_experts

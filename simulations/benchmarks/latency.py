@@ -34,8 +34,8 @@ def _synthetic(tmp: Path, seed: int, gates: list[str], device):
     latency does not depend on what the experts learned."""
     import torch
 
-    from fedmoe.server.moe_report import build_gates
-    from fedmoe.server.served_model import ServedModel
+    from fedmoe.simulations.moe_report import build_gates
+    from fedmoe.server.moe.served_model import ServedModel
     from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
     from fedmoe.shared.modeling import attach_lora, load_base_model, model_fingerprint, save_adapter
     from fedmoe.shared.pretrain import ensure_default_model
@@ -59,14 +59,14 @@ def _synthetic(tmp: Path, seed: int, gates: list[str], device):
 
 
 def run(args) -> dict:
-    from fedmoe.server.moe_report import measure_latency
+    from fedmoe.simulations.moe_report import measure_latency
 
     gates = [g.strip() for g in args.gates.split(",") if g.strip()]
     if args.requests < 1 or args.new_tokens < 1:
         raise FedmoeError("--requests and --new-tokens must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:
-            from fedmoe.server.serving import load_served_run
+            from fedmoe.server.serving.inference import load_served_run
             from fedmoe.shared.data import find_sites
 
             served = load_served_run(args.run, args.device)

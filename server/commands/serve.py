@@ -1,0 +1,114 @@
+"""`fedmoe serve` (a finished run's experts behind the gRPC InferenceService) and
+`fedmoe ask` (its command-line client).
+
+`serve` is built from `add_serve_arguments` + `start_from_args`, so another front end
+(an HTTP port, a dashboard) can add its flags and reuse the same served model.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from fedmoe.shared.cli import add_json_flag, print_json
+from fedmoe.shared.errors import FedmoeError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a finished run's gated experts over gRPC (InferenceService)")
+    add_serve_arguments(p)
+    from fedmoe.server.commands.dashboard import add_operator_flags
+
+    add_operator_flags(p, embedded=True)  # --http-port (dashboard), --operator-port, --dashboard-host, --dashboard-token
+    add_json_flag(p)
+    p.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("ask", help="ask a running `fedmoe serve` for a routed answer")
+    a.add_argument("prompt", help="the prompt")
+    a.add_argument("--addr", required=True, help="HOST:PORT of the server")
+    a.add_argument("--gate", default="", help="gate to route with (default: the server's)")
+    a.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate (default: the server's, 16)")
+    a.add_argument("--top-k", type=int, default=0, help="experts to mix (default 1)")
+    a.add_argument("--route", action="store_true", help="only show the gate's expert distribution")
+    a.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    add_json_flag(a)
+    a.set_defaults(func=cmd_ask)
+
+
+def add_serve_arguments(p) -> None:
+    p.add_argument("--run", required=True, help="run folder (from fedmoe simulate or the coordinator)")
+    p.add_argument("--gate", help="default gate: arrow | prototype | learned (default: the run's best)")
+    p.add_argument("--grpc-port", type=int, default=50061, help="gRPC port (0 = any free port; default 50061)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests run as one batch (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to gather a batch (default 10 ms)")
+
+
+def start_from_args(args):
+    """Load the run and start the gRPC server; returns the `Serving`."""
+    from fedmoe.server.serving.inference import Serving, best_gate, load_served_run
+
+    if not 0 <= args.grpc_port <= 65535:
+        raise FedmoeError(f"--grpc-port must be between 0 and 65535, got {args.grpc_port}")
+    if args.max_batch < 1:
+        raise FedmoeError(f"--max-batch must be >= 1, got {args.max_batch}")
+    served = load_served_run(args.run, args.device)
+    gate = args.gate or best_gate(args.run, list(served.gates))
+    if gate not in served.gates:
+        raise FedmoeError(f"gate {gate!r} is not available for run {args.run}: it has {', '.join(served.gates)}")
+    return Serving(served, gate, args.host, args.grpc_port, args.max_batch, args.batch_wait_ms / 1000)
+
+
+def cmd_serve(args) -> int:
+    from fedmoe.server.commands.dashboard import start_from_args as start_operator_endpoints
+
+    serving = start_from_args(args)
+    served = serving.served
+    operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True))
+    info = {"address": f"{serving.host}:{serving.port}", "port": serving.port, "run": args.run,
+            "experts": served.experts, "gates": list(served.gates), "default_gate": serving.default_gate}
+    if operator is not None:
+        info["dashboard"] = operator.info()
+    if args.json:
+        print_json(info)
+    else:
+        print(f"serving {args.run} on {info['address']}: experts {', '.join(served.experts)}; "
+              f"gates {', '.join(served.gates)} (default {serving.default_gate})")
+    sys.stdout.flush()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serving.stop()
+    if operator is not None:
+        operator.stop()
+    return 0
+
+
+def cmd_ask(args) -> int:
+    import grpc
+
+    from fedmoe.protos import inference_pb2 as pb
+    from fedmoe.protos import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.addr) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        try:
+            if args.route:
+                reply = stub.Route(pb.RouteRequest(prompt=args.prompt, gate=args.gate), timeout=args.timeout)
+            else:
+                reply = stub.Generate(pb.GenerateRequest(prompt=args.prompt, gate=args.gate, top_k=args.top_k,
+                                                         max_new_tokens=args.max_new_tokens), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise FedmoeError(f"{args.addr}: {exc.code().name}: {exc.details()}") from None
+    experts = {e.expert: e.weight for e in reply.experts}
+    if args.json:
+        print_json({"gate": reply.gate, "experts": experts} | ({} if args.route else {"text": reply.text}))
+        return 0
+    if not args.route:
+        print(reply.text)
+    print("  ".join(f"{e} {w:.2f}" for e, w in experts.items()) + f"  (gate {reply.gate})",
+          file=sys.stderr if not args.route else sys.stdout)
+    return 0

@@ -1,0 +1,657 @@
+"""The operator's web dashboard: a read-only view of one run folder's run store.
+
+    handle = start_dashboard("runs/smoke")            # background thread, 127.0.0.1, ephemeral port
+    print(handle.url_with_token)                      # open this once; the page keeps the token
+    handle.stop()
+
+`RunView` turns the run store (SQLite, opened read-only for every snapshot, so a live
+coordinator's writes show up as they are committed) into the plain dicts that both the
+HTTP API here and the gRPC `OperatorService` (operator_service.py) serve; so the page,
+`fedmoe status` and automation all see the same state.
+
+Routes (GET only; every one needs the bearer token):
+    /                     the page (static/index.html)
+    /static/...           the page's JS/CSS, and plotly.min.js from the installed plotly wheel
+    /api/run              overview: state, rounds, elapsed, estimated time left
+    /api/rounds           per-round metrics per expert, bytes, rejections
+    /api/sites            the sites table
+    /api/experts          per-layer update norms of each expert's latest checkpoint, routing share
+    /api/accuracy         per-round accuracy if recorded, else report.json's final accuracies
+    /api/privacy          DP spend by round (once sites record it)
+    /api/rejections       every rejected update with its reason
+    /api/events           server-sent events: one `snapshot`, then one event per change
+
+The token is accepted as `Authorization: Bearer T`, as the `fedmoe_token_<port>` cookie that a
+page load with `?token=T` sets (EventSource and <script src> cannot send headers), or
+as `?token=T` on any route. Anything else is answered 401.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import mimetypes
+import re
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from fedmoe.shared.errors import FedmoeError
+
+STATIC_DIR = Path(__file__).resolve().parent / "dashboard_static"
+BASELINE_EXPERT = "all"  # strategy.SINGLE_EXPERT: the single-model FedAvg baseline, trained alongside
+PRIVACY_METRICS = ("epsilon", "dp_epsilon", "dp_delta", "noise_multiplier", "clip_fraction")
+ACCURACY_METRICS = ("eval_accuracy", "accuracy", "val_accuracy")
+ROUTING_METRIC = "routing_share"
+COOKIE = "fedmoe_token"
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # as shared/delta.py (not imported: it pulls in torch)
+
+
+def new_token() -> str:
+    # hex: never starts with "-" (which argparse would take for an option in `--token T`)
+    return secrets.token_hex(20)
+
+
+def token_matches(given: str | None, token: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def bearer(value: str | None) -> str | None:
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def _num(v, default=0.0) -> float:
+    return float(v) if v is not None else default
+
+
+# -- the data ------------------------------------------------------------------------------------
+
+
+class RunView:
+    """Read-only snapshots of a run folder. Safe to share between threads: every call
+    opens its own read-only connection and reads inside one transaction."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self._norm_cache: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _db(self):
+        path = self.run_dir / "run.db"
+        if not path.is_file():
+            yield None
+            return
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("BEGIN")  # one consistent snapshot across the queries below
+            yield db
+        finally:
+            db.close()
+
+    def _run_info(self) -> dict:
+        try:
+            return json.loads((self.run_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def report(self) -> dict | None:
+        try:
+            return json.loads((self.run_dir / "report.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- overview --------------------------------------------------------------------------------
+    def overview(self) -> dict:
+        now = time.time()
+        info = self._run_info()
+        out = {"run_dir": str(self.run_dir), "name": self.run_dir.name, "state": "waiting", "preset": info.get("preset", ""),
+               "seed": int(info.get("seed", 0) or 0), "started": 0.0, "finished": 0.0, "elapsed_seconds": 0.0,
+               "current_round": 0, "committed_rounds": 0, "total_rounds": int(info.get("rounds", 0) or 0),
+               "eta_seconds": None, "experts": [], "sites": 0, "rejections": 0, "bytes_sent": 0, "bytes_received": 0}
+        with self._db() as db:
+            if db is None:
+                return out
+            run = db.execute("SELECT * FROM run").fetchone()
+            if run is not None:
+                config = {}
+                try:
+                    config = json.loads(run["config"] or "{}")
+                except ValueError:
+                    pass
+                out.update(state=run["state"] or "unknown", preset=run["preset"] or out["preset"], seed=int(run["seed"] or 0),
+                           started=_num(run["started"]), finished=_num(run["finished"]))
+                out["total_rounds"] = int(config.get("rounds") or out["total_rounds"] or 0)
+                end = out["finished"] or now
+                out["elapsed_seconds"] = max(0.0, end - out["started"]) if out["started"] else 0.0
+            rounds = [dict(r) for r in db.execute("SELECT * FROM rounds ORDER BY round")]
+            committed = [r for r in rounds if r["state"] == "committed" and r["finished"]]
+            out["current_round"] = max((r["round"] for r in rounds), default=0)
+            out["committed_rounds"] = len(committed)
+            out["experts"] = [r[0] for r in db.execute("SELECT DISTINCT expert FROM metrics ORDER BY expert")]
+            out["sites"] = int(db.execute("SELECT COUNT(*) FROM sites").fetchone()[0])
+            out["rejections"] = int(db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0])
+            b = db.execute("SELECT COALESCE(SUM(bytes_in), 0), COALESCE(SUM(bytes_out), 0) FROM participation").fetchone()
+            out["bytes_sent"], out["bytes_received"] = int(b[0]), int(b[1])
+        out["eta_seconds"] = self._eta(out, rounds, committed, now)
+        return out
+
+    @staticmethod
+    def _eta(out: dict, rounds: list[dict], committed: list[dict], now: float) -> float | None:
+        """Mean committed round time x rounds left, less what the round in flight has already taken."""
+        if out["state"] != "running" or not committed or not out["total_rounds"]:
+            return None
+        mean = sum(r["finished"] - r["started"] for r in committed) / len(committed)
+        in_flight = [r for r in rounds if r["state"] != "committed"]
+        left = max(0, out["total_rounds"] - len(committed)) * mean
+        if in_flight:
+            left -= min(mean, max(0.0, now - _num(in_flight[-1]["started"], now)))
+        return max(0.0, left)
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def rounds(self) -> list[dict]:
+        with self._db() as db:
+            if db is None:
+                return []
+            rounds = [dict(r) for r in db.execute("SELECT * FROM rounds ORDER BY round")]
+            metrics = [dict(r) for r in db.execute("SELECT * FROM metrics ORDER BY round, expert, name")]
+            traffic = {r[0]: (int(r[1]), int(r[2])) for r in db.execute(
+                "SELECT round, COALESCE(SUM(bytes_in), 0), COALESCE(SUM(bytes_out), 0) FROM participation GROUP BY round")}
+            rejected = {r[0]: int(r[1]) for r in db.execute("SELECT round, COUNT(*) FROM rejections GROUP BY round")}
+        now = time.time()
+        out = []
+        for r in rounds:
+            experts: dict[str, dict] = {}
+            for m in metrics:
+                if m["round"] == r["round"]:
+                    experts.setdefault(m["expert"], {})[m["name"]] = m["value"]
+            started, finished = _num(r["started"]), _num(r["finished"])
+            out.append({"round": r["round"], "state": r["state"], "started": started, "finished": finished,
+                        "seconds": max(0.0, (finished or now) - started) if started else 0.0,
+                        "experts": [{"expert": e, "metrics": experts[e]} for e in sorted(experts)],
+                        "bytes_sent": traffic.get(r["round"], (0, 0))[0], "bytes_received": traffic.get(r["round"], (0, 0))[1],
+                        "rejections": rejected.get(r["round"], 0)})
+        return out
+
+    def series(self, names: tuple[str, ...] | str) -> dict[str, dict[str, list]]:
+        """{metric name: {expert: [[round, value], ...]}} for the given metric names."""
+        names = (names,) if isinstance(names, str) else names
+        out: dict[str, dict[str, list]] = {}
+        with self._db() as db:
+            if db is None:
+                return out
+            q = f"SELECT round, expert, name, value FROM metrics WHERE name IN ({','.join('?' * len(names))}) ORDER BY round"
+            for r in db.execute(q, names):
+                out.setdefault(r["name"], {}).setdefault(r["expert"], []).append([r["round"], r["value"]])
+        return out
+
+    # -- sites -----------------------------------------------------------------------------------
+    def sites(self) -> list[dict]:
+        with self._db() as db:
+            if db is None:
+                return []
+            # Sites are keyed by their identity (site name) in the run store; runs written before
+            # that keyed them by Flower node id. Join on whichever the file has.
+            key = "site" if "site" in _columns(db, "participation") else "node_id"
+            q = f"""SELECT s.*, COUNT(DISTINCT CASE WHEN p.status = 'ok' THEN p.round END) AS rounds_joined,
+                          COALESCE(SUM(CASE WHEN p.status = 'failed' THEN 1 ELSE 0 END), 0) AS failures,
+                          COALESCE(SUM(p.bytes_in), 0) AS bytes_sent, COALESCE(SUM(p.bytes_out), 0) AS bytes_received
+                   FROM sites s LEFT JOIN participation p ON p.{key} = s.{key} GROUP BY s.{key} ORDER BY s.site"""
+            rows = [dict(r) for r in db.execute(q)]
+            # A rejection is recorded both in `rejections` and as a participation row with status
+            # 'rejected'; count the rejections table, which every rejection reaches.
+            rkey = key if key in _columns(db, "rejections") else "node_id"
+            rejected = {str(r[0]): int(r[1]) for r in db.execute(f"SELECT {rkey}, COUNT(*) FROM rejections GROUP BY {rkey}")}
+        return [{"node_id": str(r["node_id"]), "site": r["site"] or "", "domain": r["domain"] or "", "rank": int(r["rank"] or 0),
+                 "fingerprint": r["fingerprint"] or "", "num_examples": int(r["num_examples"] or 0),
+                 "first_seen": _num(r["first_seen"]), "last_seen": _num(r["last_seen"]),
+                 "rounds_joined": int(r["rounds_joined"] or 0), "failures": int(r["failures"] or 0),
+                 "rejections": rejected.get(str(r[rkey]), 0),
+                 "bytes_sent": int(r["bytes_sent"] or 0), "bytes_received": int(r["bytes_received"] or 0)} for r in rows]
+
+    def rejections(self) -> list[dict]:
+        with self._db() as db:
+            return [] if db is None else [dict(r) for r in db.execute("SELECT * FROM rejections ORDER BY round")]
+
+    # -- experts ---------------------------------------------------------------------------------
+    def experts(self) -> dict:
+        """Per-layer ||s B A||_F of each expert's latest checkpoint (trace trick, no dense
+        matrix), the aggregate update norm by round, and the gate's routing share if any."""
+        with self._db() as db:
+            if db is None:
+                return {"experts": [], "layers": [], "update_norm": {}, "routing_share": None}
+            latest = [dict(r) for r in db.execute(
+                "SELECT c.expert, c.round, c.path, c.sha256 FROM checkpoints c JOIN "
+                "(SELECT expert, MAX(round) AS round FROM checkpoints GROUP BY expert) m "
+                "ON m.expert = c.expert AND m.round = c.round ORDER BY c.expert")]
+        experts = []
+        for row in latest:
+            item = {"expert": row["expert"], "round": row["round"], "baseline": row["expert"] == BASELINE_EXPERT}
+            try:
+                item.update(self._norms(row))
+            except Exception as exc:  # a missing/corrupt checkpoint is shown, not fatal to the page
+                item.update(error=str(exc).splitlines()[0][:300], modules={}, layers={}, total_norm=None)
+            experts.append(item)
+        layers = sorted({k for e in experts for k in e.get("layers", {})}, key=_layer_sort_key)
+        return {"experts": experts, "layers": layers, "update_norm": self.series("update_norm").get("update_norm", {}),
+                "routing_share": self._routing_share()}
+
+    def _norms(self, row: dict) -> dict:
+        with self._lock:
+            hit = self._norm_cache.get(row["sha256"])
+        if hit is not None:
+            return hit
+        from fedmoe.server.federation.run_store import file_sha256
+
+        path = self.run_dir / row["path"]
+        if not path.is_file() or file_sha256(path) != row["sha256"]:
+            raise FedmoeError(f"checkpoint {path} is missing or corrupt (sha256 mismatch)")
+        result = checkpoint_norms(path)
+        with self._lock:
+            self._norm_cache[row["sha256"]] = result
+        return result
+
+    def _routing_share(self) -> dict | None:
+        share = self.series(ROUTING_METRIC).get(ROUTING_METRIC)
+        if share:
+            return {e: pts[-1][1] for e, pts in share.items()}
+        for method in ((self.report() or {}).get("methods") or {}).values():
+            if isinstance(method, dict) and isinstance(method.get("routing_share"), dict):
+                return method["routing_share"]
+        return None
+
+    # -- accuracy, privacy -----------------------------------------------------------------------
+    def accuracy(self) -> dict:
+        per_round = {}
+        for name, by_expert in self.series(ACCURACY_METRICS).items():
+            per_round = by_expert
+            break
+        report = self.report() or {}
+        final = {m: v.get("per_domain", {}) | {"mixed": v.get("mixed")} for m, v in (report.get("methods") or {}).items()
+                 if isinstance(v, dict)}
+        return {"per_round": per_round or None, "final": final or None,
+                "note": None if per_round else ("per-round accuracy is not recorded in the run store; "
+                                                + ("final accuracies from report.json" if final else "no report.json yet"))}
+
+    def privacy(self) -> dict:
+        series = self.series(PRIVACY_METRICS)
+        return {"enabled": bool(series), "series": series}
+
+    # -- change detection ------------------------------------------------------------------------
+    def digest(self) -> dict:
+        """Cheap fingerprint of what the page shows; polled by the event stream."""
+        with self._db() as db:
+            if db is None:
+                return {"exists": False}
+            run = db.execute("SELECT state, finished FROM run").fetchone()
+            rounds = [tuple(r) for r in db.execute("SELECT round, state FROM rounds ORDER BY round")]
+            sites = db.execute("SELECT COUNT(*), COALESCE(MAX(last_seen), 0) FROM sites").fetchone()
+            rejections = int(db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0])
+        return {"exists": True, "state": run["state"] if run else "waiting", "rounds": rounds,
+                "sites": tuple(sites), "rejections": rejections}
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _layer_key(module: str) -> str:
+    """`...layers.3.self_attn.q_proj` -> `3`; modules outside numbered blocks keep their name."""
+    m = re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", "." + module) or re.search(r"\.(\d+)\.", "." + module)
+    return m.group(1) if m else module
+
+
+def _layer_sort_key(key: str):
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
+def module_norms(tensors: dict, rank: int, alpha: float) -> dict:
+    """||s B A||_F per module = s sqrt(trace((B^T B)(A A^T))), per layer (root of the sum of
+    squares over the layer's modules) and in total; never forms B @ A. numpy, so the
+    dashboard does not import torch."""
+    import numpy as np
+
+    scaling = alpha / rank
+    modules, layers = {}, {}
+    for key in sorted(tensors):
+        if not key.endswith(A_SUFFIX) or key[: -len(A_SUFFIX)] + B_SUFFIX not in tensors:
+            continue
+        m = key[: -len(A_SUFFIX)]
+        a = np.asarray(tensors[key], dtype=np.float64)
+        b = np.asarray(tensors[m + B_SUFFIX], dtype=np.float64)
+        sq = max(0.0, float(np.trace((b.T @ b) @ (a @ a.T)))) * scaling**2
+        modules[m] = math.sqrt(sq)
+        layer = _layer_key(m)
+        layers[layer] = layers.get(layer, 0.0) + sq
+    return {"modules": modules, "layers": {k: math.sqrt(v) for k, v in layers.items()},
+            "total_norm": math.sqrt(sum(v * v for v in modules.values())), "rank": rank, "alpha": alpha}
+
+
+def checkpoint_norms(path: Path) -> dict:
+    """module_norms of a LoraDelta safetensors file (shared/delta.py's format)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # bfloat16 has no numpy dtype: take the torch path
+        from fedmoe.shared.delta import LoraDelta
+
+        delta = LoraDelta.load(path)
+        return module_norms({k: v.double().numpy() for k, v in delta.tensors.items()}, delta.rank, delta.alpha)
+    try:
+        return module_norms(tensors, int(meta["rank"]), float(meta["alpha"]))
+    except KeyError as exc:
+        raise FedmoeError(f"{path}: safetensors metadata lacks {exc.args[0]!r}") from None
+
+
+def diff_events(old: dict | None, new: dict) -> list[dict]:
+    """Events between two digests (see RunView.digest)."""
+    now = time.time()
+    if old is None:
+        return []
+    events = []
+    if new.get("state") != old.get("state"):
+        events.append({"kind": "run_state", "time": now, "round": 0, "state": new.get("state"),
+                       "message": f"run {new.get('state')}"})
+    before = dict(old.get("rounds", []))
+    for rnd, state in new.get("rounds", []):
+        if rnd not in before:
+            events.append({"kind": "round_started", "time": now, "round": rnd, "message": f"round {rnd} started"})
+        if state == "committed" and before.get(rnd) != "committed":
+            events.append({"kind": "round_committed", "time": now, "round": rnd, "message": f"round {rnd} committed"})
+    if new.get("rejections", 0) > old.get("rejections", 0):
+        n = new["rejections"] - old.get("rejections", 0)
+        events.append({"kind": "rejection", "time": now, "round": max((r for r, _ in new.get("rounds", [])), default=0),
+                       "message": f"{n} update(s) rejected"})
+    if new.get("sites") != old.get("sites"):
+        events.append({"kind": "sites", "time": now, "round": 0, "message": f"{(new.get('sites') or (0,))[0]} sites"})
+    return events
+
+
+def watch_events(view: RunView, stop: threading.Event, interval: float = 0.5, heartbeat: float = 15.0):
+    """Yield a `snapshot` event (the overview), then change events as the run store moves;
+    yields None every `heartbeat` seconds without change so callers can detect a gone client."""
+    overview = view.overview()
+    yield {"kind": "snapshot", "time": time.time(), "round": overview["current_round"],
+           "message": f"{overview['state']}: round {overview['current_round']}/{overview['total_rounds'] or '?'}",
+           "overview": overview}
+    last = view.digest()
+    quiet = time.monotonic()
+    while not stop.wait(interval):
+        try:
+            now = view.digest()
+        except sqlite3.Error:
+            continue  # e.g. the writer is mid-checkpoint; try again next tick
+        events = diff_events(last, now)
+        if not last.get("exists") and now.get("exists"):
+            events.insert(0, {"kind": "run_state", "time": time.time(), "round": 0, "state": now.get("state"),
+                              "message": f"run {now.get('state')}"})
+        last = now
+        for e in events:
+            yield e
+        if events:
+            quiet = time.monotonic()
+        elif time.monotonic() - quiet >= heartbeat:
+            quiet = time.monotonic()
+            yield None
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+def plotly_js() -> Path:
+    """plotly.min.js from the installed plotly wheel (a project dependency): served locally."""
+    try:
+        import plotly
+    except ImportError:
+        raise FedmoeError("the dashboard needs the plotly package (pip install plotly)") from None
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise FedmoeError(f"plotly is installed but {path} is missing")
+    return path
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "fedmoe-dashboard"
+    protocol_version = "HTTP/1.1"
+    dashboard: "Dashboard"  # set on the subclass made per server
+    _head = False
+
+    def log_message(self, format, *args):  # no access log on stderr (it would interleave with the run's)
+        pass
+
+    # every verb is answered: 401 without the token, 405 with it (the dashboard is read-only)
+    def do_GET(self):
+        self._dispatch(head=False)
+
+    def do_HEAD(self):
+        self._dispatch(head=True)
+
+    def _refuse_write(self):
+        if self._authorized()[0]:
+            self._send_json({"error": "the dashboard is read-only"}, HTTPStatus.METHOD_NOT_ALLOWED, extra={"Allow": "GET, HEAD"})
+        else:
+            self._unauthorized()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_write
+
+    # -- auth ------------------------------------------------------------------------------------
+    def _authorized(self) -> tuple[bool, bool]:
+        """(authorized, came from the query string)."""
+        token = self.dashboard.token
+        if token_matches(bearer(self.headers.get("Authorization")), token):
+            return True, False
+        cookie = SimpleCookie()
+        try:
+            cookie.load(self.headers.get("Cookie") or "")
+        except Exception:
+            pass
+        name = self.dashboard.cookie_name
+        if name in cookie and token_matches(cookie[name].value, token):
+            return True, False
+        query = parse_qs(urlsplit(self.path).query).get("token", [None])[0]
+        return token_matches(query, token), True
+
+    def _unauthorized(self):
+        wants_html = "text/html" in (self.headers.get("Accept") or "") and not urlsplit(self.path).path.startswith("/api/")
+        if wants_html:
+            body = (b"<!doctype html><html><head><meta charset='utf-8'><title>401 Unauthorized</title></head><body>"
+                    b"<h1 id='refused'>401 Unauthorized</h1><p>This fedmoe dashboard needs its access token. "
+                    b"Open the address printed when the dashboard started (it ends in <code>?token=...</code>).</p>"
+                    b"</body></html>")
+            self._send(HTTPStatus.UNAUTHORIZED, body, "text/html; charset=utf-8", {"WWW-Authenticate": 'Bearer realm="fedmoe"'})
+        else:
+            self._send_json({"error": "unauthorized: send Authorization: Bearer <token>"}, HTTPStatus.UNAUTHORIZED,
+                            extra={"WWW-Authenticate": 'Bearer realm="fedmoe"'})
+
+    # -- routing ---------------------------------------------------------------------------------
+    def _dispatch(self, head: bool):
+        self._head = head
+        ok, via_query = self._authorized()
+        if not ok:
+            return self._unauthorized()
+        path = urlsplit(self.path).path
+        extra = {}
+        if via_query:
+            # Keep the token in an HttpOnly cookie so the page's EventSource and <script> loads carry it.
+            extra["Set-Cookie"] = f"{self.dashboard.cookie_name}={self.dashboard.token}; HttpOnly; SameSite=Strict; Path=/"
+        try:
+            if path in ("/", "/index.html"):
+                return self._send_file(STATIC_DIR / "index.html", extra)
+            if path == "/favicon.ico":
+                return self._send(HTTPStatus.NO_CONTENT, b"", "text/plain", extra)
+            if path == "/static/plotly.min.js":
+                return self._send_file(plotly_js(), extra, cache=True)
+            if path.startswith("/static/"):
+                target = (STATIC_DIR / path[len("/static/"):]).resolve()
+                if STATIC_DIR.resolve() in target.parents and target.is_file():
+                    return self._send_file(target, extra)
+                return self._send_json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
+            if path == "/api/events":
+                return self._events()
+            api = self.dashboard.api(path)
+            if api is None:
+                return self._send_json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
+            return self._send_json(api(), extra=extra)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as exc:
+            self._send_json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    # -- responses -------------------------------------------------------------------------------
+    def _send(self, status, body: bytes, ctype: str, extra: dict | None = None, cache: bool = False):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "private, max-age=3600" if cache else "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                         "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not self._head:
+            self.wfile.write(body)
+
+    def _send_json(self, obj, status=HTTPStatus.OK, extra: dict | None = None):
+        self._send(status, json.dumps(obj, default=str, allow_nan=False).encode(), "application/json", extra)
+
+    def _send_file(self, path: Path, extra: dict, cache: bool = False):
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype.endswith("javascript"):
+            ctype += "; charset=utf-8"
+        self._send(HTTPStatus.OK, path.read_bytes(), ctype, extra, cache=cache)
+
+    def _events(self):
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        self.close_connection = True
+        if self._head:
+            return
+        stop = self.dashboard.stopping
+        self.wfile.write(b"retry: 2000\n\n")
+        self.wfile.flush()
+        for event in watch_events(self.dashboard.view, stop, self.dashboard.poll_interval):
+            if event is None:
+                self.wfile.write(b": keep-alive\n\n")
+            else:
+                data = json.dumps(_clean(event), default=str, allow_nan=False)
+                self.wfile.write(f"event: {event['kind']}\ndata: {data}\n\n".encode())
+            self.wfile.flush()
+
+
+def _clean(obj):
+    """JSON has no NaN/inf: send null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+@dataclass
+class Dashboard:
+    """A running dashboard: `url`, `url_with_token`, `token`, `stop()`; a context manager."""
+
+    view: RunView
+    token: str
+    host: str
+    port: int
+    poll_interval: float = 0.5
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def cookie_name(self) -> str:
+        # Cookies are not scoped by port: one name per dashboard, so two on one host do not clash.
+        return f"{COOKIE}_{self.port}"
+
+    @property
+    def url_with_token(self) -> str:
+        return f"{self.url}?token={self.token}"
+
+    def api(self, path: str):
+        v = self.view
+        routes = {"/api/run": v.overview, "/api/rounds": v.rounds, "/api/sites": v.sites, "/api/experts": v.experts,
+                  "/api/accuracy": v.accuracy, "/api/privacy": v.privacy, "/api/rejections": v.rejections,
+                  "/api/loss": lambda: v.series("train_loss").get("train_loss", {})}
+        fn = routes.get(path.rstrip("/") or "/")
+        return (lambda: _clean(fn())) if fn else None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                    poll_interval: float = 0.5) -> Dashboard:
+    """Serve the dashboard for `run_dir` (finished or live) from a background thread.
+    `port=0` picks a free port; `token=None` generates one (read it from the handle)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FedmoeError(f"run folder is not a directory: {run_dir}")
+    if token is not None and not token.strip():
+        raise FedmoeError("dashboard token must not be empty")
+    plotly_js()  # fail now, not on the first page load
+    dash = Dashboard(RunView(run_dir), token or new_token(), host, port, poll_interval)
+    handler = type("DashboardHandler", (_Handler,), {"dashboard": dash})
+    server_cls = type("DashboardServer", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}) if ":" in host else ThreadingHTTPServer
+    try:
+        server = server_cls((host, port), handler)
+    except OSError as exc:
+        raise FedmoeError(f"dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    server.daemon_threads = True
+    dash._server = server
+    dash.port = server.server_address[1]
+    dash._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                    name="fedmoe-dashboard", daemon=True)
+    dash._thread.start()
+    # Warm the per-layer norm cache so the first page load does not wait for it.
+    threading.Thread(target=_warm, args=(dash.view,), name="fedmoe-dashboard-warm", daemon=True).start()
+    return dash
+
+
+def _warm(view: RunView) -> None:
+    try:
+        view.experts()
+    except Exception:
+        pass  # the API call reports it

@@ -1,0 +1,242 @@
+"""The gRPC `fedmoe.v1.InferenceService` over a `ServedModel`, with server reflection and
+the standard health service.
+
+Requests are checked in the handler thread (bad ones get INVALID_ARGUMENT, an unknown
+gate NOT_FOUND, each with a one-line message) and then queued; one worker thread takes
+whatever has queued up within `max_wait_s` (up to `max_batch`), groups it by (kind,
+gate, top_k) and runs each group as one batch: one routing pass and one `generate`
+whose sequences may go to different experts (peft `adapter_names`). The model runs on
+that one thread, so no request sees another's adapter state.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from fedmoe.protos import inference_pb2 as pb
+from fedmoe.protos import inference_pb2_grpc as pb_grpc
+from fedmoe.shared.errors import FedmoeError
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+DEFAULT_NEW_TOKENS = 16
+MAX_NEW_TOKENS = 512
+MAX_PROMPT_CHARS = 100_000
+
+
+class RequestError(FedmoeError):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Job:
+    kind: str  # "generate" | "route"
+    prompt: str
+    gate: str
+    top_k: int = 1
+    max_new_tokens: int = DEFAULT_NEW_TOKENS
+    done: futures.Future = field(default_factory=futures.Future)
+
+
+class Batcher:
+    """Collects concurrent requests and runs them as batches on one worker thread."""
+
+    def __init__(self, served, max_batch: int = 16, max_wait_s: float = 0.01):
+        self.served, self.max_batch, self.max_wait_s = served, max_batch, max_wait_s
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.batches_run = 0
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._loop, name="fedmoe-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job):
+        self.jobs.put(job)
+        return job.done.result()
+
+    def stop(self):
+        self.jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self):
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            try:
+                while len(batch) < self.max_batch:
+                    nxt = self.jobs.get(timeout=self.max_wait_s)
+                    if nxt is None:
+                        self.jobs.put(None)
+                        break
+                    batch.append(nxt)
+            except queue.Empty:
+                pass
+            groups: dict[tuple, list[_Job]] = {}
+            for job in batch:
+                groups.setdefault((job.kind, job.gate, job.top_k), []).append(job)
+            for (kind, gate, top_k), jobs in groups.items():
+                self._run(kind, gate, top_k, jobs)
+            self.batches_run += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+
+    def _run(self, kind, gate, top_k, jobs):
+        try:
+            prompts = [j.prompt for j in jobs]
+            if kind == "route":
+                weights = self.served.route(prompts, gate)
+                results = [(None, w) for w in weights]
+            else:
+                results = self.served.generate(prompts, [j.max_new_tokens for j in jobs], gate=gate, top_k=top_k)
+        except Exception as exc:  # hand every waiting caller the failure
+            for j in jobs:
+                j.done.set_exception(exc)
+            return
+        for j, r in zip(jobs, results):
+            j.done.set_result(r)
+
+
+def _expert_weights(served, weights, drop_zero: bool):
+    pairs = sorted(zip(served.experts, weights.tolist()), key=lambda p: -p[1])
+    return [pb.ExpertWeight(expert=e, weight=float(w)) for e, w in pairs if w > 0 or not drop_zero]
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, served, default_gate: str, batcher: Batcher):
+        self.served, self.default_gate, self.batcher = served, default_gate, batcher
+
+    def _gate(self, name: str) -> str:
+        name = name or self.default_gate
+        if name not in self.served.gates:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown gate {name!r}: this server has {', '.join(self.served.gates)}")
+        return name
+
+    def _prompt(self, prompt: str) -> str:
+        if not prompt.strip():
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"prompt longer than {MAX_PROMPT_CHARS} characters")
+        return prompt
+
+    def _call(self, context, fn):
+        try:
+            return fn()
+        except RequestError as exc:
+            context.abort(exc.code, str(exc))
+        except FedmoeError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a bug, not the caller's fault: say so, keep serving
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    def Generate(self, request, context):
+        def run():
+            prompt, gate = self._prompt(request.prompt), self._gate(request.gate)
+            n = request.max_new_tokens or DEFAULT_NEW_TOKENS
+            if n < 0 or n > MAX_NEW_TOKENS:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {n}")
+            top_k = request.top_k or 1
+            if not 1 <= top_k <= len(self.served.experts):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be between 1 and {len(self.served.experts)}, got {top_k}")
+            self.served.check_request(prompt, n)  # too many tokens -> INVALID_ARGUMENT
+            text, weights = self.batcher.submit(_Job("generate", prompt, gate, top_k, n))
+            return pb.GenerateReply(text=text, experts=_expert_weights(self.served, weights, True), gate=gate)
+        return self._call(context, run)
+
+    def Route(self, request, context):
+        def run():
+            prompt, gate = self._prompt(request.prompt), self._gate(request.gate)
+            _, weights = self.batcher.submit(_Job("route", prompt, gate))
+            return pb.RouteReply(experts=_expert_weights(self.served, weights, False), gate=gate)
+        return self._call(context, run)
+
+
+class Serving:
+    """A running inference server: `port`, `served`, `stop()`, `wait()`."""
+
+    def __init__(self, served, default_gate: str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16,
+                 max_wait_s: float = 0.01, workers: int = 32):
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        if default_gate not in served.gates:
+            raise FedmoeError(f"unknown gate {default_gate!r}: available gates are {', '.join(served.gates)}")
+        self.served, self.default_gate = served, default_gate
+        self.batcher = Batcher(served, max_batch, max_wait_s)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served, default_gate, self.batcher), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise FedmoeError(f"cannot listen on {host}:{port}: {exc}") from None
+        if not self.port:
+            raise FedmoeError(f"cannot listen on {host}:{port} (in use?)")
+        self.host = host
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 2.0):
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.batcher.stop()
+
+    def wait(self):
+        self.server.wait_for_termination()
+
+
+def load_served_run(run_dir: str | Path, device: str | None = None):
+    """A `ServedModel` for a finished run: its base, `experts/*`, and every gate it can serve."""
+    import json
+
+    from fedmoe.server.moe.gates import available_gates, load_gate
+    from fedmoe.server.moe.served_model import ServedModel
+    from fedmoe.shared.features import FeatureConfig
+    from fedmoe.shared.runs import list_experts, read_run_info
+
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    model_dir = info.get("model") or info.get("model_dir")
+    if not model_dir:
+        raise FedmoeError(f"{run_dir / 'run.json'} does not name the base model ('model')")
+    experts = list_experts(run_dir)
+    if not experts:
+        raise FedmoeError(f"run {run_dir} has no experts (experts/<domain>/adapter_config.json)")
+    gate_dir = run_dir / "gates"
+    features = None
+    if (gate_dir / "features.json").is_file():
+        features = FeatureConfig.from_dict(json.loads((gate_dir / "features.json").read_text()))
+    served = ServedModel(model_dir, {e: run_dir / "experts" / e for e in experts}, device, features)
+    for name in available_gates(gate_dir):
+        served.add_gate(name, load_gate(served, name, gate_dir))
+    return served
+
+
+def best_gate(run_dir: str | Path, gates: list[str]) -> str:
+    """The default gate: the one with the best mixed accuracy in report.json, else the
+    first of learned, prototype, arrow that the run has."""
+    import json
+
+    report = Path(run_dir) / "report.json"
+    if report.is_file():
+        try:
+            methods = json.loads(report.read_text()).get("methods", {})
+            scored = [(methods[f"moe_{g}"].get("mixed", -1), g) for g in gates if f"moe_{g}" in methods]
+            if scored:
+                return max(scored)[1]
+        except (ValueError, AttributeError):
+            pass
+    for g in ("learned", "prototype", "arrow"):
+        if g in gates:
+            return g
+    return gates[0]

@@ -1,0 +1,166 @@
+"""The MoE part of `report.json`: every gate and every static merge, measured in one run.
+
+`moe_methods(model_dir, experts, mixed_eval, sites, seed)` builds the served model,
+plays the sites' side of the data-driven gates in-process (each site computes its own
+prototype message and its own router steps from its own records; the coordinator sees
+only what `fedmoe.client.prototype` / `fedmoe.client.router` return), evaluates
+
+    moe_arrow, moe_prototype, moe_learned            (top-1 routing, adapter_names)
+    static_linear, static_ties, static_dare_ties, static_svd
+
+on the mixed held-out set with `fedmoe.shared.training.evaluate`, and adds per gate
+`routing_accuracy` (share of mixed prompts whose top expert is their own domain's) and
+`latency_ratio` (median per-request latency of route + top-1 generation over the same
+model with one LoRA active, measured side by side in this run).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fedmoe.client.prototype import DEFAULT_CLIP_NORM, DEFAULT_NOISE_MULTIPLIER, site_prototype
+from fedmoe.client.router import prepare_router_data, local_router_update
+from fedmoe.server.moe.gates import GATES, save_gate
+from fedmoe.server.moe.gates.arrow import ArrowGate
+from fedmoe.server.moe.gates.learned import LearnedGate, federated_router_rounds
+from fedmoe.server.moe.gates.prototype import PrototypeGate
+from fedmoe.server.moe.served_model import ServedModel
+from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge
+from fedmoe.shared.data import Record, Site
+from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.features import FeatureConfig, record_prompt
+from fedmoe.shared.training import evaluate
+
+
+def _method_result(result) -> dict:
+    return {"per_domain": {d: v["accuracy"] for d, v in result.per_domain.items()}, "mixed": result.accuracy,
+            "loss": result.loss}
+
+
+def routing_accuracy(served: ServedModel, gate: str, records: list[Record]) -> tuple[float, dict[str, float]]:
+    weights = served.route([record_prompt(r) for r in records], gate)
+    chosen = served.adapter_names(weights)
+    hits: dict[str, list[float]] = {}
+    for r, e in zip(records, chosen):
+        hits.setdefault(r.domain, []).append(float(e == r.domain))
+    overall = sum(sum(v) for v in hits.values()) / len(records)
+    return overall, {d: sum(v) / len(v) for d, v in sorted(hits.items())}
+
+
+def measure_latency(served: ServedModel, gate: str, prompts: list[str], max_new_tokens: int = 8,
+                    repeats: int = 1, warmup: int = 2) -> dict:
+    """Per-request (batch of one) latency of route + top-1 gated generation vs the same
+    model with one expert active (a single-LoRA model), alternating request by request so
+    both see the same machine load. Returns medians in ms and their ratio."""
+    single = served.experts[0]
+    for p in prompts[:warmup]:
+        served.generate([p], max_new_tokens, gate=gate)
+        served.generate([p], max_new_tokens, adapter=single)
+    gated, plain = [], []
+    for _ in range(repeats):
+        for p in prompts:
+            t = time.perf_counter()
+            served.generate([p], max_new_tokens, adapter=single)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            served.generate([p], max_new_tokens, gate=gate)
+            gated.append(time.perf_counter() - t)
+    g, s = statistics.median(gated), statistics.median(plain)
+    return {"gated_ms": 1000 * g, "single_lora_ms": 1000 * s, "latency_ratio": g / s, "requests": len(gated),
+            "max_new_tokens": max_new_tokens}
+
+
+def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tuple(GATES),
+                clip_norm: float = DEFAULT_CLIP_NORM, noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER,
+                router_rounds: int = 20, router_local_steps: int = 10, router_lr: float = 0.01,
+                prototype_temperature: float = 0.05, router_max_records: int | None = None, progress=None) -> dict:
+    """Build the requested gates on `served` (in-process sites); returns build info per gate."""
+    say = progress or (lambda text: None)
+    info: dict[str, dict] = {}
+    unknown = [g for g in gates if g not in GATES]
+    if unknown:
+        raise FedmoeError(f"unknown gate {unknown[0]!r}: choose from {', '.join(GATES)}")
+    if "arrow" in gates:
+        served.add_gate("arrow", ArrowGate(served, seed=seed))
+        info["arrow"] = {"data_used": 0}
+    if "prototype" in gates:
+        say("prototype gate: sites compute their DP-noised prototypes")
+        messages = []
+        for i, site in enumerate(sites):
+            msg = site_prototype(served.featurizer, site.train, clip_norm, noise_multiplier, seed=seed * 1000 + i)
+            messages.append((site.domain, msg))
+        served.add_gate("prototype", PrototypeGate.from_messages(served, messages, prototype_temperature))
+        info["prototype"] = {"sites": len(messages), "clip_norm": clip_norm, "noise_multiplier": noise_multiplier,
+                             "epsilon_at_delta_1e-5": messages[0][1].epsilon(1e-5) if messages else None,
+                             "bytes_per_site": int(messages[0][1].prototype.numel() * 4) if messages else 0}
+    if "learned" in gates:
+        say("learned gate: sites score their records under the frozen experts")
+        datas = [prepare_router_data(served.model, served.tokenizer, served.featurizer, s.train[:router_max_records], served.experts)
+                 for s in sites]
+        steps = [lambda state, d=d, i=i: local_router_update(state, d, router_local_steps, router_lr, seed=seed * 1000 + i)
+                 for i, d in enumerate(datas)]
+        state, history = federated_router_rounds(served.featurizer.cfg.dim, len(served.experts), steps, router_rounds,
+                                                 progress=lambda r, m: say(f"router round {r}/{router_rounds}: loss {m['router_loss']:.3f}"))
+        served.add_gate("learned", LearnedGate(served, state))
+        info["learned"] = {"rounds": router_rounds, "local_steps": router_local_steps, "history": history,
+                           "bytes_per_site_round": int(sum(v.numel() for v in state.values()) * 4)}
+    return info
+
+
+def moe_methods(model_dir: str | Path, experts: dict[str, Path], mixed_eval: list[Record], sites: list[Site],
+                seed: int = 0, gates=tuple(GATES), static_merges=tuple(STATIC_MERGES), device: str | None = None,
+                feature_config: FeatureConfig | None = None, gate_dir: str | Path | None = None,
+                latency_requests: int = 16, latency_new_tokens: int = 8, include_oracle: bool = False,
+                progress=None, **gate_options) -> dict[str, dict]:
+    """report.json entries for the MoE gates and the static merges.
+
+    `experts`: domain -> peft adapter dir. `mixed_eval`: records with `domain`.
+    `sites`: the sites, whose side of the gates runs in-process. `gate_dir` (e.g.
+    RUN/gates): where to save the gates so `fedmoe serve` can load them.
+    Returns {method: {"per_domain", "mixed", "loss", ...}}.
+    """
+    say = progress or (lambda text: None)
+    if not mixed_eval:
+        raise FedmoeError("no mixed evaluation records")
+    missing = sorted({r.domain for r in mixed_eval} - set(experts))
+    if missing:
+        raise FedmoeError(f"mixed eval has domain(s) {', '.join(missing)} with no expert")
+    torch.manual_seed(seed)
+    served = ServedModel(model_dir, experts, device, feature_config)
+    methods: dict[str, dict] = {}
+    if include_oracle:
+        oracle = evaluate(served.lm, served.tokenizer, mixed_eval,
+                          forward_kwargs_fn=lambda recs: {"adapter_names": [r.domain for r in recs]})
+        methods["experts_oracle"] = _method_result(oracle)
+    # Static merges first, and removed again: the arrow router treats every adapter
+    # on the model as an expert.
+    for method in static_merges:
+        say(f"static merge {method}")
+        name = add_static_merge(served.model, served.experts, method, seed=seed)
+        result = evaluate(served.lm, served.tokenizer, mixed_eval, forward_kwargs_fn=served.expert_kwargs_fn(name))
+        methods[f"static_{method}"] = _method_result(result)
+        served.model.delete_adapter(name)
+    info = build_gates(served, sites, seed, gates, progress=progress, **gate_options)
+    prompts = [record_prompt(r) for r in mixed_eval][:latency_requests]
+    for gate in gates:
+        say(f"gate {gate}: evaluating")
+        result = evaluate(served.lm, served.tokenizer, mixed_eval, forward_kwargs_fn=served.forward_kwargs_fn(gate))
+        acc, per_domain = routing_accuracy(served, gate, mixed_eval)
+        entry = _method_result(result) | {"routing_accuracy": acc, "routing_per_domain": per_domain}
+        if latency_requests:
+            lat = measure_latency(served, gate, prompts, latency_new_tokens)
+            entry |= {"latency_ratio": lat["latency_ratio"], "latency": lat}
+        entry["gate"] = info.get(gate, {})
+        methods[f"moe_{gate}"] = entry
+        if gate_dir is not None:
+            save_gate(served.gates[gate], gate_dir)
+    if gate_dir is not None:
+        import json
+
+        Path(gate_dir).mkdir(parents=True, exist_ok=True)
+        (Path(gate_dir) / "features.json").write_text(json.dumps(served.featurizer.cfg.as_dict(), indent=2))
+    return methods
