@@ -14,7 +14,6 @@ top (FedAdam). Only the router's weights travel, in both directions.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedmoe.shared.data import write_jsonl
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.synthetic_vocabulary import AMBIGUOUS_TERMS, DOMAINS, DomainVocab, general_lexicon, term_pool  # noqa: F401
+from fedmoe.shared.synthetic_vocabulary import AMBIGUOUS_TERMS, DOMAINS, term_pool
 
 
 TRAIN_TEMPLATES = (
