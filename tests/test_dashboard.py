@@ -113,7 +113,7 @@ def test_finished_run_shows_its_data(browser, run_dir, tmp_path):
 
     with start_dashboard(run_dir) as dash:
         browser.get(dash.url_with_token)
-        wait_for(browser, "window.fedmoe.refreshes >= 1 && window.fedmoe.live", what="first draw and live stream")
+        wait_for(browser, "window.fedmoe.refreshes >= 1 && window.fedmoe.live && window.fedmoe.settled", what="first draw, live stream, settled")
         assert "token=" not in browser.current_url  # dropped from the address bar after load
         assert browser.find_element("id", "run-state").text == "finished"
         assert browser.find_element("id", "run-round").text.startswith(f"{rounds} / {rounds}")
@@ -131,7 +131,10 @@ def test_finished_run_shows_its_data(browser, run_dir, tmp_path):
         assert "not recorded" in browser.find_element("id", "accuracy-note").text
 
         # sites table: one row per site, with its domain, rank and rounds joined
-        rows = [r.text for r in browser.find_elements("css selector", "#sites-table tbody tr")]
+        # read the rendered rows in one script call: live nodes read one by one can be
+        # replaced between find_elements and .text (StaleElementReferenceException)
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('#sites-table tbody tr')].map(r => r.innerText.replace(/\\s+/g, ' '))")
         assert len(rows) == len(sites)
         for row, site in zip(rows, sites):
             assert row.split()[:3] == [site["site"], site["domain"], str(site["rank"])]

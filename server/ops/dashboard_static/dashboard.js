@@ -9,7 +9,7 @@
     history.replaceState(null, "", location.pathname);  // keep the token out of the address bar and history
   }
 
-  const state = { overview: null, refreshes: 0, events: [], live: false, refused: false };
+  const state = { overview: null, refreshes: 0, events: [], live: false, refused: false, settled: false };
   window.fedmoe = state;  // for automation and the browser test
 
   const $ = (id) => document.getElementById(id);
@@ -202,6 +202,9 @@
         ["/api/rounds", drawRounds], ["/api/rejections", drawRejections]];
       await Promise.all(parts.map(([path, draw]) => api(path).then(draw)));
       state.refreshes += 1;
+      // A run that is no longer running does not change: the stream's opening snapshot
+      // must not redraw (and so replace) tables someone is reading.
+      state.settled = !["running", "waiting"].includes(state.overview && state.overview.state);
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();
     } catch (err) {
       if (!state.refused) console.error(err);
@@ -240,7 +243,10 @@
     for (const kind of ["snapshot", "run_state", "round_started", "round_committed", "rejection", "sites"]) {
       es.addEventListener(kind, (msg) => {
         const ev = JSON.parse(msg.data);
-        if (kind === "snapshot") drawOverview(ev.overview); else logEvent(ev);
+        if (kind === "snapshot") {
+          drawOverview(ev.overview);
+          if (state.settled && !["running", "waiting"].includes(ev.overview.state)) return;
+        } else logEvent(ev);
         schedule();
       });
     }
