@@ -88,3 +88,15 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+# Tiers: `pytest -m "not slow"` is the development tier (under 5 minutes on 2 cores); the
+# full suite (scripts/test.sh, CI) runs everything. A test is slow when it is marked so,
+# or when it needs a whole simulated federation (the fixtures below start one each).
+FEDERATION_FIXTURES = {"smoke_run", "fed_smoke_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FEDERATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
