@@ -163,7 +163,8 @@ def build_suite(out: str | Path, definitions: dict[str, list[Definition]], sourc
     def mc_record(d: Definition, template: str) -> dict:
         first = tuple(o.gloss for dom, o in sorted(by_key[d.key].items()) if dom != d.domain)
         return {"prompt": prompt(d, template, rng), "completion": " " + d.gloss,
-                "choices": choices_for(d, glosses[d.domain], n_choices, rng, first), "domain": d.domain}
+                "choices": choices_for(d, glosses[d.domain], n_choices, rng, first), "domain": d.domain,
+                "term": d.term}  # for reports and checks; loaders ignore it
 
     summary: dict = {"source": source, "domains": list(chosen), "sites": [], "seed": seed,
                      "terms": {dom: len(defs) for dom, defs in chosen.items()},
