@@ -19,12 +19,17 @@ def register(sub) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_pretrain)
 
-    e = sub.add_parser("eval", help="exact-match accuracy and loss per domain of a model (+ adapter)")
+    e = sub.add_parser("eval", help="exact-match accuracy and loss per domain of a model (+ adapter); "
+                                    "acc and acc_norm when records carry choices")
     e.add_argument("--model", help="base model directory (default: the built-in tiny model)")
     e.add_argument("--adapter", help="peft adapter directory to apply")
     e.add_argument("--data", required=True, help="JSONL file, or a site folder (its eval.jsonl)")
     e.add_argument("--quant", default="none", help="nf4 | int8 | none (default: none)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    e.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
+    e.add_argument("--export-lm-eval", metavar="DIR",
+                   help="also write the multiple-choice records as a local lm-evaluation-harness task in DIR")
+    e.add_argument("--export-only", action="store_true", help="with --export-lm-eval: write the task, load no model")
     add_json_flag(e)
     e.set_defaults(func=cmd_eval)
 
@@ -89,20 +94,50 @@ def read_eval_records(data: str):
 
 def cmd_eval(args) -> int:
     from fedmoe.shared.modeling import load_adapter, load_base_model, load_tokenizer, model_fingerprint
+    from fedmoe.shared.multiple_choice import choice_records, score_records
     from fedmoe.shared.training import evaluate
 
+    if args.batch_size < 1:
+        raise FedmoeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.export_only and not args.export_lm_eval:
+        raise FedmoeError("--export-only needs --export-lm-eval DIR")
     records = read_eval_records(args.data)
+    exported = None
+    if args.export_lm_eval:
+        from fedmoe.shared.lm_eval_task import export_task
+
+        exported = export_task(records, args.export_lm_eval)
+        if args.export_only:
+            if args.json:
+                print_json({"lm_eval_task": exported})
+            else:
+                print(f"lm-eval task {exported['task']} ({exported['count']} records): {exported['yaml']}")
+            return 0
     model_dir = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(model_dir)
     model = load_base_model(model_dir, args.quant, args.device)
     if args.adapter:
         model = load_adapter(model, args.adapter, model_fingerprint(model_dir))
-    result = evaluate(model, tokenizer, records)
+    # Multiple choice is the primary score where records carry choices; exact match
+    # and loss stay, as secondary columns.
+    mc = score_records(model, tokenizer, records, args.batch_size) if choice_records(records) else None
+    result = evaluate(model, tokenizer, records, args.batch_size)
     if args.json:
-        print_json(result.as_dict() | {"model": str(model_dir), "adapter": args.adapter})
+        extra = {"multiple_choice": mc.as_dict()} if mc else {}
+        extra |= {"lm_eval_task": exported} if exported else {}
+        print_json(result.as_dict() | extra | {"model": str(model_dir), "adapter": args.adapter})
         return 0
-    print(f"{'domain':<14}{'accuracy':>10}{'loss':>10}{'n':>6}")
-    for d, r in result.per_domain.items():
-        print(f"{d:<14}{r['accuracy']:>10.3f}{r['loss']:>10.3f}{r['count']:>6}")
-    print(f"{'all':<14}{result.accuracy:>10.3f}{result.loss:>10.3f}{result.count:>6}")
+    if mc:
+        print(f"{'domain':<14}{'acc':>8}{'acc_norm':>10}{'exact':>8}{'loss':>8}{'n':>6}")
+        for d, r in result.per_domain.items():
+            m = mc.per_domain.get(d, {"acc": float("nan"), "acc_norm": float("nan")})
+            print(f"{d:<14}{m['acc']:>8.3f}{m['acc_norm']:>10.3f}{r['accuracy']:>8.3f}{r['loss']:>8.3f}{r['count']:>6}")
+        print(f"{'all':<14}{mc.acc:>8.3f}{mc.acc_norm:>10.3f}{result.accuracy:>8.3f}{result.loss:>8.3f}{result.count:>6}")
+    else:
+        print(f"{'domain':<14}{'accuracy':>10}{'loss':>10}{'n':>6}")
+        for d, r in result.per_domain.items():
+            print(f"{d:<14}{r['accuracy']:>10.3f}{r['loss']:>10.3f}{r['count']:>6}")
+        print(f"{'all':<14}{result.accuracy:>10.3f}{result.loss:>10.3f}{result.count:>6}")
+    if exported:
+        print(f"lm-eval task {exported['task']} ({exported['count']} records): {exported['yaml']}")
     return 0

@@ -2,7 +2,9 @@
 
 A site folder holds `train.jsonl`, `eval.jsonl` and `site.toml` (at least
 `domain = "..."`). A record is `{"prompt", "completion"}` or `{"text"}` (a text record
-trains on the whole string and has no exact-match answer). A suite root holds site
+trains on the whole string and has no exact-match answer). An evaluation record may also
+carry `"choices": [...]` (the completion is one of them): it is then scored as multiple
+choice too (`fedmoe.shared.multiple_choice`). A suite root holds site
 folders plus `mixed-eval.jsonl`, whose records also carry `"domain"`.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
@@ -21,6 +23,7 @@ class Record:
     prompt: str
     completion: str
     domain: str | None = None
+    choices: tuple[str, ...] | None = None  # multiple choice: completion is one of them
 
     @property
     def is_text(self) -> bool:
@@ -52,12 +55,23 @@ def parse_record(obj, where: str) -> Record:
             raise FedmoeError(f"{where}: 'prompt' and 'completion' must both be strings")
         if not completion.strip():
             raise FedmoeError(f"{where}: empty 'completion'")
-        return Record(prompt, completion, domain)
+        return Record(prompt, completion, domain, parse_choices(obj, completion, where))
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise FedmoeError(f"{where}: 'text' must be a non-empty string")
         return Record("", obj["text"], domain)
     raise FedmoeError(f"{where}: record needs 'prompt' and 'completion', or 'text'")
+
+
+def parse_choices(obj: dict, completion: str, where: str) -> tuple[str, ...] | None:
+    choices = obj.get("choices")
+    if choices is None:
+        return None
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise FedmoeError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+    if completion not in choices:
+        raise FedmoeError(f"{where}: 'completion' is not one of the 'choices'")
+    return tuple(choices)
 
 
 def read_jsonl(path: str | Path) -> list[Record]:
@@ -115,8 +129,8 @@ def load_site(path: str | Path, domain: str | None = None) -> Site:
     return Site(
         path,
         dom,
-        [Record(r.prompt, r.completion, r.domain or dom) for r in train],
-        [Record(r.prompt, r.completion, r.domain or dom) for r in evals],
+        [replace(r, domain=r.domain or dom) for r in train],
+        [replace(r, domain=r.domain or dom) for r in evals],
         settings,
     )
 

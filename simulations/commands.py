@@ -10,8 +10,15 @@ def register(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = dsub.add_parser("make-suite", help="write a multi-domain suite of site folders and mixed-eval.jsonl")
     p.add_argument("--out", required=True, help="suite folder to write")
-    p.add_argument("--domains", type=int, default=4, help="number of domains (default 4: medicine, law, finance, telecom)")
-    p.add_argument("--sites", type=int, default=8, help="number of sites (default 8)")
+    p.add_argument("--source", default="synthetic", choices=["synthetic", "wordnet", "foldoc"],
+                   help="synthetic (default): made-up facts; wordnet / foldoc: real definitions from the Debian "
+                        "packages wordnet-base / dict-foldoc, scored as multiple choice")
+    p.add_argument("--domains", help="synthetic: a number (default 4: medicine, law, finance, telecom); "
+                                     "wordnet (default law,medicine,computing,finance) and foldoc (default "
+                                     "computing,networking,telecom): comma-separated names")
+    p.add_argument("--sites", type=int, default=8, help="synthetic: number of sites (default 8)")
+    p.add_argument("--sites-per-domain", type=int, default=2, help="wordnet, foldoc: sites per domain (default 2)")
+    p.add_argument("--terms-per-domain", type=int, default=120, help="wordnet, foldoc: terms per domain (default 120)")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
     p.set_defaults(func=cmd_make_suite)
@@ -51,10 +58,26 @@ def register(sub) -> None:
     register_bench(sub)
 
 
-def cmd_make_suite(args) -> int:
-    from fedmoe.simulations.domain_suite import make_suite
+DEFINITION_DOMAINS = {"wordnet": "law,medicine,computing,finance", "foldoc": "computing,networking,telecom"}
 
-    summary = make_suite(args.out, args.domains, args.sites, args.seed)
+
+def cmd_make_suite(args) -> int:
+    from fedmoe.shared.errors import FedmoeError
+
+    if args.source == "synthetic":
+        from fedmoe.simulations.domain_suite import make_suite
+
+        domains = args.domains or "4"
+        summary = make_suite(args.out, int(domains) if domains.isdigit() else domains.split(","), args.sites, args.seed)
+    else:
+        from fedmoe.simulations.foldoc_suite import make_foldoc_suite
+        from fedmoe.simulations.wordnet_suite import make_wordnet_suite
+
+        domains = [d.strip() for d in (args.domains or DEFINITION_DOMAINS[args.source]).split(",") if d.strip()]
+        if len(set(domains)) != len(domains) or not domains:
+            raise FedmoeError(f"--domains needs distinct comma-separated names, got {args.domains!r}")
+        make = make_wordnet_suite if args.source == "wordnet" else make_foldoc_suite
+        summary = make(args.out, domains, args.sites_per_domain, args.seed, terms_per_domain=args.terms_per_domain)
     if args.json:
         print_json(summary)
         return 0
@@ -62,6 +85,9 @@ def cmd_make_suite(args) -> int:
     for s in summary["sites"]:
         print(f"{s['site']:<10}{s['domain']:<12}{s['train']:>7}{s['eval']:>6}")
     print(f"mixed-eval.jsonl: {summary['mixed_eval']} records across {', '.join(summary['domains'])} -> {args.out}")
+    if "conflict_eval" in summary:
+        print(f"conflict-eval.jsonl: {summary['conflict_eval']} records ({len(summary['conflict_terms'])} terms "
+              f"defined in several domains); built in {summary['seconds']:.1f}s")
     return 0
 
 
