@@ -89,6 +89,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # bitsandbytes warns on CPU that an optional hub kernel is missing; it falls back to its own
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # imported before us (e.g. in-process callers): the env vars came too late
         from transformers.utils import logging as hf_logging
 
