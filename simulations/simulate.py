@@ -4,7 +4,6 @@ Ray), then every method of the report scored on the mixed held-out set."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
