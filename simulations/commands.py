@@ -24,7 +24,19 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_make_suite)
 
     s = sub.add_parser("simulate", help="run a whole federation on this machine (Flower Simulation Engine)")
-    s.add_argument("--preset", default="smoke", choices=["smoke", "default"], help="scenario size (default: smoke)")
+    from fedmoe.simulations.presets import PRESETS
+
+    s.add_argument("--preset", default="smoke", choices=list(PRESETS), help="scenario size (default: smoke)")
+    s.add_argument("--model", help="base model: a folder, or smollm2-135m (fetched on first use) (default: the preset's, "
+                                   "else the tiny model)")
+    s.add_argument("--local-steps", type=int, help="local training steps per site per round (default: the preset's)")
+    s.add_argument("--lr", type=float, help="local learning rate (default: the preset's)")
+    s.add_argument("--batch-size", type=int, help="local batch size (default: the preset's)")
+    s.add_argument("--ranks", type=parse_ranks, help="LoRA ranks cycled over the sites, e.g. 4,8,16 (default: the preset's)")
+    s.add_argument("--quant", choices=["nf4", "int8", "none"], help="the sites' base model (default: the preset's)")
+    s.add_argument("--sites-per-domain", type=int, help="sites per domain (default: the preset's)")
+    s.add_argument("--fraction", type=float, help="share of each domain's sites sampled per round (default: the preset's)")
+    s.add_argument("--seed", type=int, help="seed of the suite, sampling and initialisation (default: the preset's)")
     s.add_argument("--data-dir", help="suite folder of site folders + mixed-eval.jsonl (default: generated)")
     s.add_argument("--rounds", type=int, help="federated rounds (default: the preset's)")
     s.add_argument("--aggregation", default="exact", choices=["exact", "naive"], help="exact (default) or naive FedIT")
@@ -112,7 +124,7 @@ def cmd_simulate(args) -> int:
                           epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia,
                           prox_mu=args.prox_mu, server_opt=args.server_opt, server_lr=args.server_lr,
                           server_tau=args.server_tau, min_replies=args.min_replies, short_round=args.short_round,
-                          max_retries=args.max_retries)
+                          max_retries=args.max_retries, overrides=preset_overrides(args))
     if args.json:
         print_json(report)
     else:
@@ -124,6 +136,21 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def parse_ranks(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,8,16, got {text!r}") from None
+
+
+def preset_overrides(args) -> dict:
+    from fedmoe.simulations.presets import OVERRIDES
+
+    return {name: getattr(args, name) for name in OVERRIDES if getattr(args, name, None) is not None}
+
+
 # `fedmoe bench NAME`: one module per benchmark in fedmoe.simulations.benchmarks, one line here.
 BENCHMARKS = {
     "memory": ("fedmoe.simulations.benchmarks.memory", "peak memory and tokens/s of LoRA training, nf4 vs none"),
@@ -133,6 +160,7 @@ BENCHMARKS = {
     "comm": ("fedmoe.simulations.benchmarks.comm", "adapter bytes per site per round and accuracy: fp32 vs fp16 vs int8 deltas"),
     "aggregate": ("fedmoe.simulations.benchmarks.aggregate", "exact (streaming, QR) vs naive aggregation of N sites: time, peak memory"),
     "overhead": ("fedmoe.simulations.benchmarks.overhead", "fedmoe simulate wall time vs the sites' pure local training time"),
+    "step-time": ("fedmoe.simulations.benchmarks.step_time", "seconds per local LoRA training step on a real model: nf4 vs none"),
     "resume": ("fedmoe.simulations.benchmarks.resume", "a simulation SIGKILLed K times and resumed vs one never killed: same numbers?"),
 }
 

@@ -18,6 +18,49 @@ class SimPreset:
     seed: int = 0
     router_rounds: int = 20  # learned gate: federated router rounds
     latency_requests: int = 16  # requests timed per gate for latency_ratio
+    model: str | None = None  # a model folder or a fetchable name (fedmoe model fetch); None: the tiny model
+    fraction: float = 1.0  # share of each domain's sites sampled per round
+
+    @property
+    def sites_per_domain(self) -> int:
+        return self.sites // self.domains
+
+
+# `fedmoe simulate` flags that override a preset field (flag name -> field).
+OVERRIDES = ("local_steps", "lr", "batch_size", "ranks", "quant", "sites_per_domain", "fraction", "seed", "model")
+
+
+def with_overrides(preset: SimPreset, overrides: dict) -> SimPreset:
+    """The preset with the given fields replaced (None values keep the preset's)."""
+    from dataclasses import replace
+
+    from fedmoe.shared.errors import FedmoeError
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OVERRIDES))
+    if unknown:
+        raise FedmoeError(f"unknown simulate override {unknown[0]!r}: choose from {', '.join(OVERRIDES)}")
+    if "ranks" in given:
+        given["ranks"] = tuple(int(r) for r in given["ranks"])
+        if not given["ranks"] or min(given["ranks"]) < 1:
+            raise FedmoeError(f"--ranks must be positive integers, got {given['ranks']}")
+    if "sites_per_domain" in given:
+        if given["sites_per_domain"] < 1:
+            raise FedmoeError(f"--sites-per-domain must be >= 1, got {given['sites_per_domain']}")
+        given["sites"] = preset.domains * given.pop("sites_per_domain")
+    for name in ("local_steps", "batch_size"):
+        if name in given and given[name] < 1:
+            raise FedmoeError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
+    if "lr" in given and not given["lr"] > 0:
+        raise FedmoeError(f"--lr must be positive, got {given['lr']}")
+    if "fraction" in given and not 0 < given["fraction"] <= 1:
+        raise FedmoeError(f"--fraction must be in (0, 1], got {given['fraction']}")
+    if "quant" in given:
+        from fedmoe.shared.modeling import QUANT_MODES
+
+        if given["quant"] not in QUANT_MODES:
+            raise FedmoeError(f"unknown --quant {given['quant']!r}: choose one of {', '.join(QUANT_MODES)}")
+    return replace(preset, **given)
 
 
 PRESETS = {

@@ -4,7 +4,6 @@ Ray), then every method of the report scored on the mixed held-out set."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.simulations.presets import PRESETS, SimPreset
+from fedmoe.simulations.presets import PRESETS, SimPreset, with_overrides
 
 METHOD_ORDER = ("base", "local_only", "fedavg_single", "experts_oracle", "centralized")
 
@@ -44,8 +43,12 @@ def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
     from fedmoe.client.client_app import build_client_app
     from fedmoe.server.federation.server_app import build_server_app
 
+    import torch
+
     results: dict = {}
-    backend_config: dict = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    # Ray hides the GPU from an actor that asks for none, so with CUDA present the sites share it.
+    gpus = 1.0 / len(site_plan) if torch.cuda.is_available() else 0.0
+    backend_config: dict = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}}
     init_args = {"include_dashboard": False, "log_to_driver": False}
     if ray_address:
         init_args["address"] = ray_address
@@ -89,25 +92,27 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
              dp_delta: float = 1e-5, mia: bool = True, moe: bool = True, prox_mu: float = 0.0, server_opt: str = "none",
              server_lr: float = 3e-3, server_tau: float = 1e-3, min_replies: int = 1, short_round: str = "proceed",
-             max_retries: int = 1) -> dict:
+             max_retries: int = 1, overrides: dict | None = None) -> dict:
+    """`overrides` replaces preset fields (presets.OVERRIDES: local_steps, lr, batch_size,
+    ranks, quant, sites_per_domain, fraction, seed, model)."""
     import torch
 
     from fedmoe.server.federation.server_app import FederationPlan
     from fedmoe.simulations.baselines import BASELINES, BaselineWorker, worker_groups
     from fedmoe.server.federation.strategy import StrategyConfig
+    from fedmoe.shared.commands import resolve_model_dir
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
-    from fedmoe.shared.pretrain import ensure_default_model
     from fedmoe.shared.training import TrainConfig, evaluate
 
     if preset_name not in PRESETS:
         raise FedmoeError(f"unknown preset {preset_name!r}: choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
+    preset = with_overrides(PRESETS[preset_name], overrides)
     rounds = preset.rounds if rounds is None else rounds
     if rounds < 1:
         raise FedmoeError(f"--rounds must be >= 1, got {rounds}")
     # Every option is checked here, before anything is written to --out.
     strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
-                              aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
+                              fraction=preset.fraction, aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
                               robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
                               dp_delta=dp_delta, epsilon_budget=epsilon_budget, prox_mu=prox_mu, server_opt=server_opt,
                               server_lr=server_lr, server_tau=server_tau, min_replies=min_replies,
@@ -118,6 +123,9 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
 
         chaos = format_chaos(parse_chaos(chaos), chaos_seed(chaos, preset.seed))
     wall = time.perf_counter()
+    from fedmoe.shared.modeling import check_model_dir
+
+    model_dir = check_model_dir(resolve_model_dir(preset.model))  # may fetch a named model, before --out is touched
     out_dir = Path(out)
     if (out_dir / "run.db").exists() and not resume:
         raise FedmoeError(f"{out_dir} already holds a run (run.db); choose another --out, or --resume it")
@@ -129,8 +137,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              "chaos": chaos_spec, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
              "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia, "prox_mu": prox_mu,
              "server_opt": server_opt, "server_lr": server_lr, "server_tau": server_tau, "min_replies": min_replies,
-             "short_round": short_round, "max_retries": max_retries}, indent=2))
-    model_dir = ensure_default_model()
+             "short_round": short_round, "max_retries": max_retries, "overrides": overrides or {}}, indent=2))
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
     mixed = load_mixed_eval(suite)
@@ -197,6 +204,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
                     add(name, result[name])
         report = {
             "preset": preset_name, "seed": preset.seed, "aggregation": aggregation, "rounds": rounds, "quant": preset.quant,
+            "model": str(model_dir), "local_steps": preset.local_steps, "lr": preset.lr, "batch_size": preset.batch_size,
+            "ranks": list(preset.ranks), "fraction": preset.fraction,
             "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
             "methods": {m: methods[m] for m in METHOD_ORDER if m in methods} | {m: v for m, v in methods.items() if m not in METHOD_ORDER},
             "federation_seconds": fed_seconds, "stage_seconds": stages.seconds, "history": results["history"],
