@@ -79,8 +79,24 @@ def load_base_model(path: str | os.PathLike, quant: str = "none", device: str | 
         raise FedmoeError(f"could not load model from {path}: {str(exc).splitlines()[0]}") from exc
     if qcfg is None:
         model.to(dev)
+    elif dev.type == "cpu":
+        same_numerics_in_eval(model)
     model.config.use_cache = False
     return model
+
+
+def same_numerics_in_eval(model) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes' Linear4bit switches in eval mode to a fused
+    kernel that casts activations to bfloat16 (its training path dequantizes to fp32). Then
+    evaluation disagrees with training and with the same run on another CPU: measured here,
+    left- vs right-padded logits differed by more than 1e-5 and a site's exact match fell
+    from >= 0.3 to 0.125. Keep the fp32 path everywhere; returns the layers changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def default_target_modules(model) -> list[str]:
