@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.names import check_name
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def read_site_settings(path: Path) -> dict:
         raise FedmoeError(f"{toml_path}: {exc}") from None
     if not isinstance(settings.get("domain"), str) or not settings["domain"]:
         raise FedmoeError(f"{toml_path}: missing 'domain = \"...\"'")
+    check_name(settings["domain"], "domain", str(toml_path))  # it becomes the coordinator's experts/<domain>/ folder
     return settings
 
 

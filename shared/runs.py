@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.names import check_name, inside
 
 
 def write_run_info(run_dir: str | Path, **info) -> Path:
@@ -41,7 +42,8 @@ def list_experts(run_dir: str | Path) -> list[str]:
 
 def expert_dir(run_dir: str | Path, name: str) -> Path:
     read_run_info(run_dir)
-    path = Path(run_dir) / "experts" / name
+    check_name(name, "expert", f"run {run_dir}")  # `--expert ../../x` must not reach outside the run
+    path = inside(Path(run_dir) / "experts", Path(run_dir) / "experts" / name, "expert folder")
     if not (path / "adapter_config.json").is_file():
         known = list_experts(run_dir)
         raise FedmoeError(f"unknown expert {name!r} in {run_dir}: known experts are {', '.join(known) or 'none'}")
