@@ -12,7 +12,7 @@ from uuid import uuid4
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from test_strategy import SPEC, make_strategy, reply, trained
+from test_strategy import make_strategy, reply, trained
 
 from fedmoe.server.federation.run_store import RunStore
 from fedmoe.server.federation.server_app import FederationPlan, run_federation

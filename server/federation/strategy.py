@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -443,8 +442,6 @@ class DomainExpertStrategy:
     def frozen_a_round(self, expert: str, items: list, sent_of: dict, result: RoundResult) -> dict[str, LowRank]:
         """FFA-LoRA aggregation: mean of the sites' B updates against the frozen A; in `dp`
         mode equal weights, a clip check and Gaussian noise of std z C / n."""
-        import torch
-
         from fedmoe.server.federation.privacy import b_update, frozen_a_aggregate, update_norm
 
         r_max = self.max_rank(expert)
@@ -468,10 +465,9 @@ class DomainExpertStrategy:
         if self.privacy.mode == "dp":
             noise_std = self.privacy.noise_multiplier * self.privacy.clip / len(updates)
             self._noise_std[expert] = noise_std
-        # DP noise is deliberately unseeded: whoever knows the seed could subtract the noise.
-        gen = torch.Generator().manual_seed(secrets.randbits(63))
+        # The noise comes from the OS CSPRNG (fedmoe.shared.dp_noise), not the run seed.
         a0 = self.init_adapter(r_max)
-        return frozen_a_aggregate(self.experts.get(expert), a0, updates, self.cfg.alpha_per_rank, noise_std, gen)
+        return frozen_a_aggregate(self.experts.get(expert), a0, updates, self.cfg.alpha_per_rank, noise_std)
 
     def expert_delta(self, expert: str) -> LoraDelta:
         """The expert at its largest site rank, as a LoraDelta (checkpoints, export)."""
