@@ -38,20 +38,27 @@ def weighted_mixed(per_domain: dict[str, float], counts: dict[str, int]) -> floa
     return sum(per_domain[d] * counts[d] for d in per_domain) / total
 
 
-def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
-    from flwr.simulation import run_simulation
+def backend_config_for(ray_address: str | None) -> dict:
+    """Flower's Ray backend config: one CPU per site, no dashboard (it would be one more listener)."""
+    init_args = {"include_dashboard": False, "log_to_driver": False} | ({"address": ray_address} if ray_address else {})
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
-    from fedmoe.client.client_app import build_client_app
-    from fedmoe.server.federation.server_app import build_server_app
+
+def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
+    from contextlib import nullcontext
+
+    from fedmoe.simulations.local_ray import loopback_ray
 
     results: dict = {}
-    backend_config: dict = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
-    init_args = {"include_dashboard": False, "log_to_driver": False}
-    if ray_address:
-        init_args["address"] = ray_address
-    backend_config["init_args"] = init_args
-    run_simulation(server_app=build_server_app(plan, results), client_app=build_client_app(site_plan),
-                   num_supernodes=len(site_plan), backend_config=backend_config)
+    backend_config = backend_config_for(ray_address)
+    with nullcontext() if ray_address else loopback_ray():  # a Ray we start: loopback only, token auth
+        from flwr.simulation import run_simulation  # imports ray: inside, so that Ray sees RAY_AUTH_MODE
+
+        from fedmoe.client.client_app import build_client_app
+        from fedmoe.server.federation.server_app import build_server_app
+
+        run_simulation(server_app=build_server_app(plan, results), client_app=build_client_app(site_plan),
+                       num_supernodes=len(site_plan), backend_config=backend_config)
     if "error" in results:
         raise FedmoeError(results["error"])
     if "experts" not in results:
