@@ -66,8 +66,12 @@ def read_jsonl(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise FedmoeError(f"data file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FedmoeError(f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -229,3 +229,31 @@ def test_a_run_that_breaks_is_marked_failed_not_left_running(tmp_path, tiny_mode
     with pytest.raises(RuntimeError, match="link lost"):
         run_federation(Broken(infos), plan, progress=lambda _: None)
     assert RunStore(tmp_path, readonly=True).run()["state"] == "failed"
+
+
+# -- files: a site's data that is not UTF-8, private keys -------------------------------------
+
+def test_train_jsonl_that_is_not_utf8_is_one_line_naming_file_and_line(tmp_path):
+    from fedmoe.shared.data import read_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(FedmoeError) as exc:
+        read_jsonl(path)
+    assert str(exc.value) == f"{path}:2: not UTF-8 (byte 0xe9 at column 16)"
+
+
+def test_private_keys_are_never_readable_by_others_even_under_umask_0(tmp_path):
+    import os
+    import stat
+
+    from fedmoe.server.ops.keys import _write_private
+
+    old = os.umask(0)
+    try:
+        _write_private(tmp_path / "k.key", b"secret")
+        _write_private(tmp_path / "k.key", b"secret2")  # rewriting keeps it so
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "k.key").stat().st_mode) == 0o600 and (tmp_path / "k.key").read_bytes() == b"secret2"
+    assert not list(tmp_path.glob("*.tmp"))
