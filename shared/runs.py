@@ -15,14 +15,19 @@ from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.names import check_name, inside
 
 
+def write_atomically(path: str | Path, text: str) -> Path:
+    """Write, then rename: a reader (or a crash) sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def write_run_info(run_dir: str | Path, **info) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "run.json"
-    tmp = path.with_name("run.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path
+    return write_atomically(run_dir / "run.json", json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
 def read_run_info(run_dir: str | Path) -> dict:

@@ -4,7 +4,6 @@ Ray), then every method of the report scored on the mixed held-out set."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -257,7 +256,9 @@ def report_table(report: dict) -> str:
 
 
 def write_report(out_dir: Path, report: dict) -> None:
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    from fedmoe.shared.runs import write_atomically
+
+    write_atomically(out_dir / "report.json", json.dumps(report, indent=2, default=str))
     md = (f"# fedmoe simulation: preset `{report['preset']}`\n\n"
           f"{report['sites']} sites, {len(report['domains'])} domains, {report['rounds']} rounds, "
           f"{report['aggregation']} aggregation, {report['quant']} sites; seed {report['seed']}. "
@@ -267,7 +268,7 @@ def write_report(out_dir: Path, report: dict) -> None:
           "Exact-match accuracy on the mixed held-out set (phrasings unseen in training):\n\n" + report_table(report)
           + privacy_markdown(report)
           + "\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
-    (out_dir / "report.md").write_text(md)
+    write_atomically(out_dir / "report.md", md)
     plot_report(out_dir, report)
 
 

@@ -257,3 +257,11 @@ def test_private_keys_are_never_readable_by_others_even_under_umask_0(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "k.key").stat().st_mode) == 0o600 and (tmp_path / "k.key").read_bytes() == b"secret2"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_reports_are_written_then_renamed(tmp_path):
+    from fedmoe.shared.runs import write_atomically
+
+    (tmp_path / "report.json").write_text("old")
+    write_atomically(tmp_path / "report.json", "new")
+    assert (tmp_path / "report.json").read_text() == "new" and not list(tmp_path.glob("*.tmp"))
