@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedmoe.shared.dp_noise import gaussian_noise
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.features import PromptFeaturizer, record_prompt
 
@@ -54,8 +55,9 @@ class PrototypeMessage:
 
 
 def site_prototype(featurizer: PromptFeaturizer, records, clip_norm: float = DEFAULT_CLIP_NORM,
-                   noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER, seed: int | None = None) -> PrototypeMessage:
-    """The DP-noised mean routing feature of a site's training prompts."""
+                   noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER) -> PrototypeMessage:
+    """The DP-noised mean routing feature of a site's training prompts. The noise takes
+    no seed on purpose (fedmoe.shared.dp_noise): a seeded one could be subtracted."""
     prompts = [record_prompt(r) for r in records]
     if not prompts:
         raise FedmoeError("no training records to build a prototype from")
@@ -64,12 +66,7 @@ def site_prototype(featurizer: PromptFeaturizer, records, clip_norm: float = DEF
     feats = featurizer(prompts)
     feats = feats * (clip_norm / feats.norm(dim=1, keepdim=True).clamp(min=clip_norm))
     total = feats.sum(0)
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    total = total + torch.randn(total.shape, generator=gen) * noise_multiplier * clip_norm
+    total = total + gaussian_noise(total.shape, noise_multiplier * clip_norm, total.dtype)
     return PrototypeMessage((total / len(prompts)).float(), len(prompts), float(clip_norm), float(noise_multiplier))
 
 

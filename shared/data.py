@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.names import check_name
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,12 @@ def read_jsonl(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise FedmoeError(f"data file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FedmoeError(f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -112,6 +117,7 @@ def read_site_settings(path: Path) -> dict:
         raise FedmoeError(f"{toml_path}: {exc}") from None
     if not isinstance(settings.get("domain"), str) or not settings["domain"]:
         raise FedmoeError(f"{toml_path}: missing 'domain = \"...\"'")
+    check_name(settings["domain"], "domain", str(toml_path))  # it becomes the coordinator's experts/<domain>/ folder
     return settings
 
 

@@ -246,6 +246,12 @@ class LoraDelta:
                 raise DeltaValidationError(f"{where}: module {module!r} lacks its lora_{'B' if 'A' in which else 'A'} factor")
         if not seen:
             raise DeltaValidationError(f"{where}: no LoRA tensors")
+        # A missing module would aggregate as "no change" with the site's full weight
+        # elsewhere: a reply is exactly the receiver's module set, or it is refused.
+        if missing := sorted(set(spec.modules) - set(seen)):
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DeltaValidationError(f"{where}: module {missing[0]!r}{more} missing (expected {len(spec.modules)} modules, "
+                                       f"got {len(seen)})")
         if max_norm is not None:
             norm = self.update_norm()
             if norm > max_norm:

@@ -12,16 +12,22 @@ import json
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.names import check_name, inside
+
+
+def write_atomically(path: str | Path, text: str) -> Path:
+    """Write, then rename: a reader (or a crash) sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
 
 
 def write_run_info(run_dir: str | Path, **info) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "run.json"
-    tmp = path.with_name("run.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path
+    return write_atomically(run_dir / "run.json", json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
 def read_run_info(run_dir: str | Path) -> dict:
@@ -41,7 +47,8 @@ def list_experts(run_dir: str | Path) -> list[str]:
 
 def expert_dir(run_dir: str | Path, name: str) -> Path:
     read_run_info(run_dir)
-    path = Path(run_dir) / "experts" / name
+    check_name(name, "expert", f"run {run_dir}")  # `--expert ../../x` must not reach outside the run
+    path = inside(Path(run_dir) / "experts", Path(run_dir) / "experts" / name, "expert folder")
     if not (path / "adapter_config.json").is_file():
         known = list_experts(run_dir)
         raise FedmoeError(f"unknown expert {name!r} in {run_dir}: known experts are {', '.join(known) or 'none'}")

@@ -90,8 +90,8 @@ def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tup
     if "prototype" in gates:
         say("prototype gate: sites compute their DP-noised prototypes")
         messages = []
-        for i, site in enumerate(sites):
-            msg = site_prototype(served.featurizer, site.train, clip_norm, noise_multiplier, seed=seed * 1000 + i)
+        for site in sites:
+            msg = site_prototype(served.featurizer, site.train, clip_norm, noise_multiplier)
             messages.append((site.domain, msg))
         served.add_gate("prototype", PrototypeGate.from_messages(served, messages, prototype_temperature))
         info["prototype"] = {"sites": len(messages), "clip_norm": clip_norm, "noise_multiplier": noise_multiplier,

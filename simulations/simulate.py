@@ -37,24 +37,31 @@ def weighted_mixed(per_domain: dict[str, float], counts: dict[str, int]) -> floa
     return sum(per_domain[d] * counts[d] for d in per_domain) / total
 
 
-def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
-    from flwr.simulation import run_simulation
+def backend_config_for(ray_address: str | None, gpus_per_site: float = 0.0) -> dict:
+    """Flower's Ray backend config: one CPU per site, no dashboard (it would be one more listener)."""
+    init_args = {"include_dashboard": False, "log_to_driver": False} | ({"address": ray_address} if ray_address else {})
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus_per_site}, "init_args": init_args}
 
-    from fedmoe.client.client_app import build_client_app
-    from fedmoe.server.federation.server_app import build_server_app
+
+def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
+    from contextlib import nullcontext
+
+    from fedmoe.simulations.local_ray import loopback_ray
 
     import torch
 
     results: dict = {}
     # Ray hides the GPU from an actor that asks for none, so with CUDA present the sites share it.
     gpus = 1.0 / len(site_plan) if torch.cuda.is_available() else 0.0
-    backend_config: dict = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}}
-    init_args = {"include_dashboard": False, "log_to_driver": False}
-    if ray_address:
-        init_args["address"] = ray_address
-    backend_config["init_args"] = init_args
-    run_simulation(server_app=build_server_app(plan, results), client_app=build_client_app(site_plan),
-                   num_supernodes=len(site_plan), backend_config=backend_config)
+    backend_config = backend_config_for(ray_address, gpus)
+    with nullcontext() if ray_address else loopback_ray():  # a Ray we start: loopback only, token auth
+        from flwr.simulation import run_simulation  # imports ray: inside, so that Ray sees RAY_AUTH_MODE
+
+        from fedmoe.client.client_app import build_client_app
+        from fedmoe.server.federation.server_app import build_server_app
+
+        run_simulation(server_app=build_server_app(plan, results), client_app=build_client_app(site_plan),
+                       num_supernodes=len(site_plan), backend_config=backend_config)
     if "error" in results:
         raise FedmoeError(results["error"])
     if "experts" not in results:
@@ -259,7 +266,9 @@ def report_table(report: dict) -> str:
 
 
 def write_report(out_dir: Path, report: dict) -> None:
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    from fedmoe.shared.runs import write_atomically
+
+    write_atomically(out_dir / "report.json", json.dumps(report, indent=2, default=str))
     md = (f"# fedmoe simulation: preset `{report['preset']}`\n\n"
           f"{report['sites']} sites, {len(report['domains'])} domains, {report['rounds']} rounds, "
           f"{report['aggregation']} aggregation, {report['quant']} sites; seed {report['seed']}. "
@@ -269,7 +278,7 @@ def write_report(out_dir: Path, report: dict) -> None:
           "Exact-match accuracy on the mixed held-out set (phrasings unseen in training):\n\n" + report_table(report)
           + privacy_markdown(report)
           + "\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
-    (out_dir / "report.md").write_text(md)
+    write_atomically(out_dir / "report.md", md)
     plot_report(out_dir, report)
 
 

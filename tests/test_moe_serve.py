@@ -62,14 +62,59 @@ def server(run_dir):
         proc.wait()
 
 
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def _with(self, details):
+        metadata = list(details.metadata or []) + [("authorization", f"Bearer {self.token}")]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with(details), requests)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method, self.timeout, self.metadata = d.method, d.timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = d.credentials, d.wait_for_ready, d.compression
+
+
+def authed_channel(server):
+    return grpc.intercept_channel(grpc.insecure_channel(server["address"]), Bearer(server["token"]))
+
+
 @pytest.fixture(scope="module")
 def stub(server):
     from fedmoe.protos import inference_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(server["address"])
-    grpc.channel_ready_future(channel).result(timeout=30)
+    raw = grpc.insecure_channel(server["address"])
+    grpc.channel_ready_future(raw).result(timeout=30)
+    channel = grpc.intercept_channel(raw, Bearer(server["token"]))
     yield pb_grpc.InferenceServiceStub(channel)
-    channel.close()
+    raw.close()
+
+
+def test_a_call_without_the_token_is_unauthenticated(server, stub):
+    from fedmoe.protos import inference_pb2 as pb
+    from fedmoe.protos import inference_pb2_grpc as pb_grpc
+
+    assert len(server["token"]) >= 32  # generated (none was given) and printed once
+    with grpc.insecure_channel(server["address"]) as channel:
+        bare = pb_grpc.InferenceServiceStub(channel)
+        for metadata in (None, [("authorization", "Bearer wrong")]):
+            with pytest.raises(grpc.RpcError) as info:
+                bare.Route(pb.RouteRequest(prompt="A nurse asked. Answer:"), timeout=30, metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.Route(pb.RouteRequest(prompt="A nurse asked. Answer:"), timeout=60).gate == "prototype"
 
 
 def test_serve_gives_a_routed_answer_through_the_stub(server, stub, suite_dir):
@@ -123,7 +168,7 @@ def test_health_and_reflection(server, stub):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(server["address"]) as channel:
+    with authed_channel(server) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "fedmoe.v1.InferenceService"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
@@ -134,9 +179,18 @@ def test_health_and_reflection(server, stub):
         assert "fedmoe.v1.InferenceService" in names and "grpc.health.v1.Health" in names
 
 
-def test_fedmoe_ask_is_the_client(server, stub, capsys):
+def test_fedmoe_ask_is_the_client(server, stub, capsys, monkeypatch, tmp_path):
     from fedmoe.shared.cli import main
 
+    monkeypatch.delenv("FEDMOE_SERVE_TOKEN", raising=False)
+    assert main(["ask", "--addr", server["address"], "hello"]) == 2
+    assert "needs the server's token" in capsys.readouterr().err
+    assert main(["ask", "--addr", server["address"], "--token", "wrong", "hello"]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    (tmp_path / "token").write_text(server["token"] + "\n")
+    assert main(["ask", "--addr", server["address"], "--token-file", str(tmp_path / "token"), "--route", "hello"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("FEDMOE_SERVE_TOKEN", server["token"])
     prompt = "The judge in the appeals court read the deed. What is the escrow? Answer:"
     assert main(["ask", "--addr", server["address"], "--json", "--max-new-tokens", "4", prompt]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -147,6 +201,47 @@ def test_fedmoe_ask_is_the_client(server, stub, capsys):
     assert max(route["experts"], key=route["experts"].get) == "law"
     assert main(["ask", "--addr", server["address"], "--gate", "nope", prompt]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_public_host_without_tls(run_dir, capsys):
+    from fedmoe.shared.cli import main
+
+    assert main(["serve", "--run", str(run_dir), "--host", "0.0.0.0", "--grpc-port", "0"]) == 2
+    assert "--host 0.0.0.0 is not loopback" in capsys.readouterr().err
+    assert main(["serve", "--run", str(run_dir), "--tls-cert", "x.pem", "--grpc-port", "0"]) == 2
+    assert "go together" in capsys.readouterr().err
+
+
+def test_a_full_queue_answers_resource_exhausted_and_cancelled_calls_are_dropped():
+    """The Batcher alone, over a served model that blocks until released: no model needed."""
+    import threading
+
+    from fedmoe.server.serving.inference import Batcher, RequestError, _Job
+
+    release, started = threading.Event(), threading.Event()
+
+    class Slow:
+        def route(self, prompts, gate):
+            started.set()
+            release.wait(30)
+            return [[1.0] for _ in prompts]
+
+    b = Batcher(Slow(), max_batch=1, max_wait_s=0.0, max_queue=2)
+    first = threading.Thread(target=b.submit, args=(_Job("route", "p0", "g"),))
+    first.start()
+    assert started.wait(10)  # the worker holds job 0; the queue is empty again
+    queued = [_Job("route", f"p{i}", "g") for i in (1, 2)]
+    for j in queued:
+        b.jobs.put_nowait(j)
+    with pytest.raises(RequestError) as info:
+        b.submit(_Job("route", "p3", "g"))
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 requests already queued" in str(info.value)
+    assert queued[0].done.cancel()  # its caller went away (what the RPC callback does)
+    release.set()
+    assert queued[1].done.result(timeout=10) == (None, [1.0])
+    first.join(10)
+    assert b.dropped == 1 and queued[0].done.cancelled()
+    b.stop()
 
 
 def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

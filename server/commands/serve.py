@@ -3,16 +3,54 @@
 
 `serve` is built from `add_serve_arguments` + `start_from_args`, so another front end
 (an HTTP port, a dashboard) can add its flags and reuse the same served model.
+
+Every call needs the serve token (`authorization: Bearer <token>`): from --token-file,
+$FEDMOE_SERVE_TOKEN or --token (which other users see in `ps`), else a new one printed
+once. A --host other than loopback needs TLS (--tls-cert/--tls-key): the token must not
+cross a network in the clear.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from fedmoe.shared.cli import add_json_flag, print_json
 from fedmoe.shared.errors import FedmoeError
+
+TOKEN_ENV = "FEDMOE_SERVE_TOKEN"
+
+
+def add_token_arguments(p, what: str) -> None:
+    p.add_argument("--token", default=None, help=f"{what} token (visible in `ps`: prefer --token-file or ${TOKEN_ENV})")
+    p.add_argument("--token-file", default=None, help=f"file holding the {what} token")
+
+
+def resolve_token(args) -> str | None:
+    """--token-file, then $FEDMOE_SERVE_TOKEN, then --token; None if none is given."""
+    if args.token_file:
+        path = Path(args.token_file)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise FedmoeError(f"--token-file {path}: {exc.strerror or exc}") from None
+        if not token:
+            raise FedmoeError(f"--token-file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or args.token or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def register(sub) -> None:
@@ -32,6 +70,8 @@ def register(sub) -> None:
     a.add_argument("--top-k", type=int, default=0, help="experts to mix (default 1)")
     a.add_argument("--route", action="store_true", help="only show the gate's expert distribution")
     a.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
+    add_token_arguments(a, "the server's")
+    a.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to check a TLS server against")
     add_json_flag(a)
     a.set_defaults(func=cmd_ask)
 
@@ -44,6 +84,10 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-batch", type=int, default=16, help="most requests run as one batch (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to gather a batch (default 10 ms)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get RESOURCE_EXHAUSTED (default 64)")
+    add_token_arguments(p, "serve")
+    p.add_argument("--tls-cert", default=None, help="certificate chain (PEM): serve TLS (needed off loopback)")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
 
 
 def start_from_args(args):
@@ -54,11 +98,26 @@ def start_from_args(args):
         raise FedmoeError(f"--grpc-port must be between 0 and 65535, got {args.grpc_port}")
     if args.max_batch < 1:
         raise FedmoeError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise FedmoeError("--tls-cert and --tls-key go together")
+    if not is_loopback(args.host) and not args.tls_cert:
+        raise FedmoeError(f"--host {args.host} is not loopback: serving beyond this machine needs TLS "
+                          "(--tls-cert, --tls-key); the token must not travel in the clear")
+    tls = None
+    if args.tls_cert:
+        try:
+            tls = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+        except OSError as exc:
+            raise FedmoeError(f"TLS files: {exc.filename}: {exc.strerror}") from None
+    token = resolve_token(args)
     served = load_served_run(args.run, args.device)
     gate = args.gate or best_gate(args.run, list(served.gates))
     if gate not in served.gates:
         raise FedmoeError(f"gate {gate!r} is not available for run {args.run}: it has {', '.join(served.gates)}")
-    return Serving(served, gate, args.host, args.grpc_port, args.max_batch, args.batch_wait_ms / 1000)
+    serving = Serving(served, gate, args.host, args.grpc_port, args.max_batch, args.batch_wait_ms / 1000, token=token,
+                      max_queue=args.max_queue, tls=tls)
+    serving.token_generated = token is None
+    return serving
 
 
 def cmd_serve(args) -> int:
@@ -68,7 +127,10 @@ def cmd_serve(args) -> int:
     served = serving.served
     operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True))
     info = {"address": f"{serving.host}:{serving.port}", "port": serving.port, "run": args.run,
-            "experts": served.experts, "gates": list(served.gates), "default_gate": serving.default_gate}
+            "experts": served.experts, "gates": list(served.gates), "default_gate": serving.default_gate,
+            "tls": bool(args.tls_cert)}
+    if serving.token_generated:  # a token the operator gave is not echoed; a new one is shown once
+        info["token"] = serving.token
     if operator is not None:
         info["dashboard"] = operator.info()
     if args.json:
@@ -76,6 +138,8 @@ def cmd_serve(args) -> int:
     else:
         print(f"serving {args.run} on {info['address']}: experts {', '.join(served.experts)}; "
               f"gates {', '.join(served.gates)} (default {serving.default_gate})")
+        if serving.token_generated:
+            print(f"serve token: {serving.token}  (shown once; fedmoe ask needs it: ${TOKEN_ENV} or --token-file)")
     sys.stdout.flush()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -93,14 +157,27 @@ def cmd_ask(args) -> int:
     from fedmoe.protos import inference_pb2 as pb
     from fedmoe.protos import inference_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.addr) as channel:
+    token = resolve_token(args)
+    if token is None:
+        raise FedmoeError(f"fedmoe ask needs the server's token: ${TOKEN_ENV}, --token-file or --token")
+    metadata = [("authorization", f"Bearer {token}")]
+    if args.tls_ca:
+        try:
+            creds = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes())
+        except OSError as exc:
+            raise FedmoeError(f"--tls-ca {args.tls_ca}: {exc.strerror}") from None
+        channel = grpc.secure_channel(args.addr, creds)
+    else:
+        channel = grpc.insecure_channel(args.addr)
+    with channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         try:
             if args.route:
-                reply = stub.Route(pb.RouteRequest(prompt=args.prompt, gate=args.gate), timeout=args.timeout)
+                reply = stub.Route(pb.RouteRequest(prompt=args.prompt, gate=args.gate), timeout=args.timeout, metadata=metadata)
             else:
                 reply = stub.Generate(pb.GenerateRequest(prompt=args.prompt, gate=args.gate, top_k=args.top_k,
-                                                         max_new_tokens=args.max_new_tokens), timeout=args.timeout)
+                                                         max_new_tokens=args.max_new_tokens), timeout=args.timeout,
+                                      metadata=metadata)
         except grpc.RpcError as exc:
             raise FedmoeError(f"{args.addr}: {exc.code().name}: {exc.details()}") from None
     experts = {e.expert: e.weight for e in reply.experts}

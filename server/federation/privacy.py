@@ -31,6 +31,7 @@ import torch
 
 from fedmoe.server.federation.low_rank import LowRank
 from fedmoe.shared.delta import LoraDelta, b_update  # noqa: F401  (b_update: the sites compute it too)
+from fedmoe.shared.dp_noise import gaussian_noise
 from fedmoe.shared.errors import FedmoeError
 
 MODES = ("none", "ffa", "dp", "secagg")
@@ -107,7 +108,7 @@ def update_norm(u: dict[str, torch.Tensor]) -> float:
 
 
 def frozen_a_aggregate(current: dict[str, LowRank] | None, a0: LoraDelta, updates: list[tuple[dict[str, torch.Tensor], float]],
-                       scale: float, noise_std: float = 0.0, generator: torch.Generator | None = None) -> dict[str, LowRank]:
+                       scale: float, noise_std: float = 0.0) -> dict[str, LowRank]:
     """Expert after one round: s B_new = s B_cur + Σ p_k u_k (+ N(0, noise_std²)), A fixed at A_0.
     Returned in the strategy's LowRank form (ΔW = b @ a, sqrt(s) folded into each)."""
     total = sum(w for _, w in updates)
@@ -120,7 +121,7 @@ def frozen_a_aggregate(current: dict[str, LowRank] | None, a0: LoraDelta, update
         sb = (current[m].b.double() * root) if current is not None else torch.zeros(updates[0][0][m].shape, dtype=torch.float64)
         mean = sum(u[m] * (w / total) for u, w in updates)
         if noise_std > 0:
-            mean = mean + torch.randn(mean.shape, generator=generator, dtype=torch.float64) * noise_std
+            mean = mean + gaussian_noise(mean.shape, noise_std, torch.float64)  # never from the run seed
         out[m] = LowRank(((sb + mean) / root).float(), (a.double() * root).float())
     return out
 

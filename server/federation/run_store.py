@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedmoe.server.federation.faults import fault_point
 from fedmoe.shared.delta import LoraDelta
+from fedmoe.shared.names import inside
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY CHECK (id = 1), started REAL, finished REAL,
@@ -76,6 +77,12 @@ class RunStore:
                 "num_examples=excluded.num_examples, last_seen=excluded.last_seen",
                 (site, str(node_id), domain, rank, fingerprint, num_examples, now, now))
 
+    def reject_site(self, node_id, reason: str) -> None:
+        """A node refused before round 1 (its describe reply failed a check): a round-0
+        rejection, under its node id (the names it sent are not trusted, not even to store)."""
+        with self.db:
+            self.db.execute("INSERT INTO rejections VALUES (0, ?, ?, ?, ?)", (f"node {node_id}", str(node_id), "describe", reason))
+
     def touch_site(self, site: str) -> None:
         with self.db:
             self.db.execute("UPDATE sites SET last_seen = ? WHERE site = ?", (time.time(), site))
@@ -91,7 +98,7 @@ class RunStore:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         files = {}
         for i, (name, delta) in enumerate(experts.items()):
-            path = ckpt_dir / f"{name}.safetensors"
+            path = inside(self.run_dir, ckpt_dir / f"{name}.safetensors", "checkpoint")
             delta.save(path, before_rename=(lambda: fault_point("checkpoint", rnd)) if i == 0 else None)
             files[name] = (str(path.relative_to(self.run_dir)), file_sha256(path))
         fault_point("commit", rnd)

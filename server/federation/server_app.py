@@ -15,10 +15,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedmoe.server.federation.experts import save_expert
 from fedmoe.server.federation.faults import armed_faults
 from fedmoe.server.federation.run_store import RunStore
-from fedmoe.server.federation.strategy import (SINGLE_EXPERT, DomainExpertStrategy, Node, ShortRoundError, StrategyConfig,
-                                    send_round)
+from fedmoe.server.federation.strategy import (SINGLE_EXPERT, DomainExpertStrategy, ShortRoundError, StrategyConfig,
+                                                node_from_describe, send_round)
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
+from fedmoe.shared.names import inside
 from fedmoe.shared.runs import write_run_info
 
 
@@ -64,12 +65,29 @@ def query_sites(grid: Grid, node_ids: list[int], timeout: float) -> list[tuple[i
 
 
 def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
+    """One federation; whatever stops it early, run.db says "failed", never "running"."""
+    store = None
+
+    def opened(s: RunStore) -> RunStore:
+        nonlocal store
+        store = s
+        return s
+
+    try:
+        return _run_federation(grid, plan, progress, opened)
+    except BaseException:
+        if store is not None and store.run().get("state") == "running":
+            store.finish_run("failed")
+        raise
+
+
+def _run_federation(grid: Grid, plan: FederationPlan, progress, opened) -> dict:
     out = Path(plan.out_dir)
     armed_faults()  # a mistyped FEDMOE_FAULT fails here, not in the middle of a round
     fingerprint = model_fingerprint(plan.model_dir)
     spec = adapter_spec_for(plan.model_dir)
     strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint)
-    store = RunStore(out)
+    store = opened(RunStore(out))
     if not plan.resume:
         store.start_run(plan.preset, plan.strategy.seed, asdict(plan))
         write_run_info(out, model=str(plan.model_dir), base_fingerprint=fingerprint, preset=plan.preset,
@@ -82,8 +100,12 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         if info is None:
             progress(f"site node {node_id} left out: {error}")
             continue
-        node = Node(node_id, str(info["site"]), str(info["domain"]), int(info["rank"]), str(info["fingerprint"]),
-                    int(info["num-examples"]))
+        try:
+            node = node_from_describe(node_id, info, plan.strategy)
+        except FedmoeError as exc:  # that site's rejection, recorded; the others go on
+            store.reject_site(node_id, str(exc))
+            progress(f"site node {node_id} refused: {exc}")
+            continue
         reason = strategy.add_node(node)
         store.upsert_site(node_id, node.site, node.domain, node.rank, node.fingerprint, node.num_examples)
         if reason:
@@ -131,7 +153,7 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
         history.append({"round": rnd, "seconds": time.perf_counter() - started, "metrics": result.metrics})
     top_rank = max(n.rank for n in strategy.nodes.values())
     for expert in strategy.experts:
-        target = out / ("baselines/fedavg_single" if expert == SINGLE_EXPERT else f"experts/{expert}")
+        target = inside(out, out / ("baselines/fedavg_single" if expert == SINGLE_EXPERT else f"experts/{expert}"), "expert folder")
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         # Every expert at the federation's largest rank (extra components have B = 0, so
@@ -194,7 +216,8 @@ def plan_from_run_config(cfg) -> FederationPlan:
         server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 3e-3)),
         server_tau=float(cfg.get("server-tau", 1e-3)), min_replies=int(cfg.get("min-replies", 1)),
         short_round=str(cfg.get("short-round", "proceed")), max_retries=int(cfg.get("max-retries", 1)),
-        privacy=str(cfg.get("privacy", "none")),
+        privacy=str(cfg.get("privacy", "none")), max_rank=int(cfg.get("max-rank", 64)),
+        max_examples=int(cfg.get("max-examples", 10_000_000)),
         clip=default_clip(str(cfg.get("privacy", "none")), float(cfg.get("clip", 0.0)) or None))
     return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
                           rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),

@@ -12,8 +12,8 @@ An optional `all` expert trained by every node gives the `fedavg_single` baselin
 
 from __future__ import annotations
 
+import math
 import random
-import secrets
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from fedmoe.server.federation.faults import fault_point
 from fedmoe.shared import compression
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError
+from fedmoe.shared.names import check_name, shown
 
 SINGLE_EXPERT = "all"
 SERVER_OPTIMIZERS = ("none", "fedadam")
@@ -59,6 +60,8 @@ class StrategyConfig:
     min_replies: int = 1  # accepted replies an expert needs per round (at most the sites sampled for it)
     short_round: str = "proceed"  # proceed | retry | fail: what a round short of min_replies does at its deadline
     max_retries: int = 1  # retry | fail: re-sends to the missing sites before proceeding | failing
+    max_rank: int = 64  # the largest LoRA rank a site may announce (its adapter is sent and aggregated at that rank)
+    max_examples: int = 10_000_000  # the most examples a site may claim: its aggregation weight is bounded by it
 
     def __post_init__(self):  # checked when the config is made, before any federation starts or file is written
         from fedmoe.server.federation.privacy import PrivacyConfig
@@ -81,6 +84,8 @@ class StrategyConfig:
             raise FedmoeError(f"unknown short-round policy {self.short_round!r}: choose {', '.join(SHORT_ROUND_POLICIES)}")
         if self.min_replies < 1 or self.max_retries < 0:
             raise FedmoeError(f"min-replies must be >= 1 and max-retries >= 0, got {self.min_replies} and {self.max_retries}")
+        if self.max_rank < 1 or self.max_examples < 1:
+            raise FedmoeError(f"max-rank and max-examples must be >= 1, got {self.max_rank} and {self.max_examples}")
 
 
 @dataclass
@@ -91,6 +96,52 @@ class Node:
     rank: int
     fingerprint: str
     num_examples: int
+
+
+def whole_number(value, what: str, where: str, cap: int) -> int:
+    """`value` as an int if it is a whole number in [1, cap] (an integral finite float
+    counts: MetricRecord carries numbers as int or float), else a one-line FedmoeError."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        ok, value = True, int(value)
+    if not ok:
+        raise FedmoeError(f"{where}: {what} must be a whole number, got {shown(value)}")
+    if not 1 <= value <= cap:
+        raise FedmoeError(f"{where}: {what} must be between 1 and {cap}, got {value}")
+    return value
+
+
+def node_from_describe(node_id: int, info: dict, cfg: StrategyConfig) -> Node:
+    """A node from its describe reply, every field checked (names become folders, rank
+    sizes the adapter we build for it, num-examples weights its updates); a bad reply is
+    a one-line FedmoeError: that site's rejection, never the run's."""
+    where = f"describe reply of node {node_id}"
+    for key in ("site", "domain", "rank", "fingerprint", "num-examples"):
+        if key not in info:
+            raise FedmoeError(f"{where}: lacks {key!r}")
+    site = check_name(info["site"], "site", where)
+    domain = check_name(info["domain"], "domain", f"{where} (site {site})")
+    if cfg.single_expert and domain == SINGLE_EXPERT:
+        raise FedmoeError(f"{where} (site {site}): domain {domain!r} is the name of the single-expert baseline")
+    where = f"{where} (site {site})"
+    rank = info["rank"]
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise FedmoeError(f"{where}: rank must be an integer, got {shown(rank)}")
+    if not 1 <= rank <= cfg.max_rank:
+        raise FedmoeError(f"{where}: rank must be between 1 and max-rank {cfg.max_rank}, got {rank}")
+    fingerprint = info["fingerprint"]
+    if not isinstance(fingerprint, str) or not 0 < len(fingerprint) <= 128:
+        raise FedmoeError(f"{where}: fingerprint must be a short string, got {shown(fingerprint)}")
+    n = whole_number(info["num-examples"], "num-examples", where, cfg.max_examples)
+    return Node(node_id, site, domain, rank, fingerprint, n)
+
+
+def check_metrics(metrics: dict, where: str) -> None:
+    """Every number a site reports is finite: a NaN loss would poison the expert's metrics."""
+    for key, value in metrics.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise DeltaValidationError(f"{where}: metric {shown(key)} is {v}")
 
 
 class ShortRoundError(FedmoeError):
@@ -202,11 +253,15 @@ class DomainExpertStrategy:
                 raise DeltaValidationError(f"rank {delta.rank} differs from the rank {node.rank} the site announced")
             delta.validate(self.spec, self.fingerprint, self.cfg.max_update_norm, where=f"site {node.site}")
             metrics = dict(reply.content["metrics"])
-            n = int(metrics.get("num-examples", 0))
-            if n <= 0:
-                raise DeltaValidationError(f"site {node.site}: num-examples must be positive, got {n}")
-        except (DeltaValidationError, KeyError) as exc:
-            return "rejected", str(exc) if isinstance(exc, DeltaValidationError) else f"reply lacks {exc}", None
+            n = whole_number(metrics.get("num-examples"), "num-examples", f"site {node.site}", self.cfg.max_examples)
+            check_metrics(metrics, f"site {node.site}")
+        except FedmoeError as exc:
+            reason = str(exc)
+            return "rejected", reason if reason.startswith(f"site {node.site}") else f"site {node.site}: {reason}", None
+        except KeyError as exc:
+            return "rejected", f"site {node.site}: reply lacks {exc}", None
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed reply breaks, it is that reply's rejection
+            return "rejected", f"site {node.site}: malformed reply ({type(exc).__name__}: {shown(str(exc), 200)})", None
         return "ok", None, (delta, n, metrics)
 
     def required_replies(self, sampled: int) -> int:
@@ -387,8 +442,6 @@ class DomainExpertStrategy:
     def frozen_a_round(self, expert: str, items: list, sent_of: dict, result: RoundResult) -> dict[str, LowRank]:
         """FFA-LoRA aggregation: mean of the sites' B updates against the frozen A; in `dp`
         mode equal weights, a clip check and Gaussian noise of std z C / n."""
-        import torch
-
         from fedmoe.server.federation.privacy import b_update, frozen_a_aggregate, update_norm
 
         r_max = self.max_rank(expert)
@@ -412,10 +465,9 @@ class DomainExpertStrategy:
         if self.privacy.mode == "dp":
             noise_std = self.privacy.noise_multiplier * self.privacy.clip / len(updates)
             self._noise_std[expert] = noise_std
-        # DP noise is deliberately unseeded: whoever knows the seed could subtract the noise.
-        gen = torch.Generator().manual_seed(secrets.randbits(63))
+        # The noise comes from the OS CSPRNG (fedmoe.shared.dp_noise), not the run seed.
         a0 = self.init_adapter(r_max)
-        return frozen_a_aggregate(self.experts.get(expert), a0, updates, self.cfg.alpha_per_rank, noise_std, gen)
+        return frozen_a_aggregate(self.experts.get(expert), a0, updates, self.cfg.alpha_per_rank, noise_std)
 
     def expert_delta(self, expert: str) -> LoraDelta:
         """The expert at its largest site rank, as a LoraDelta (checkpoints, export)."""

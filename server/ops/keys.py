@@ -18,8 +18,15 @@ from fedmoe.shared.errors import FedmoeError
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    os.chmod(path, 0o600)
+    """0600 from the first byte (write-then-chmod leaves a window where others can read
+    the key), written to a temporary name and renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600)  # O_CREAT's mode is filtered by the umask only towards stricter
+    tmp.replace(path)
 
 
 def _name(common_name: str):

@@ -7,6 +7,11 @@ whatever has queued up within `max_wait_s` (up to `max_batch`), groups it by (ki
 gate, top_k) and runs each group as one batch: one routing pass and one `generate`
 whose sequences may go to different experts (peft `adapter_names`). The model runs on
 that one thread, so no request sees another's adapter state.
+
+Every call needs the server's bearer token (the operator API's `TokenInterceptor`);
+the queue is bounded (a full one answers RESOURCE_EXHAUSTED at once, rather than
+letting waiting callers pile up threads and memory) and a call cancelled while it
+waits is dropped before the model spends time on it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 DEFAULT_NEW_TOKENS = 16
 MAX_NEW_TOKENS = 512
 MAX_PROMPT_CHARS = 100_000
+DEFAULT_MAX_QUEUE = 64
 
 
 class RequestError(FedmoeError):
@@ -48,17 +54,29 @@ class _Job:
 class Batcher:
     """Collects concurrent requests and runs them as batches on one worker thread."""
 
-    def __init__(self, served, max_batch: int = 16, max_wait_s: float = 0.01):
+    def __init__(self, served, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = DEFAULT_MAX_QUEUE):
         self.served, self.max_batch, self.max_wait_s = served, max_batch, max_wait_s
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self.batches_run = 0
         self.largest_batch = 0
+        self.dropped = 0  # cancelled before they ran
         self._thread = threading.Thread(target=self._loop, name="fedmoe-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, job: _Job):
-        self.jobs.put(job)
-        return job.done.result()
+    def submit(self, job: _Job, context=None):
+        """Queue `job` and wait for it. `context` (gRPC): the job is cancelled when the
+        call ends early (client cancel, deadline), so the worker skips it."""
+        if context is not None:
+            context.add_callback(job.done.cancel)  # runs when the RPC terminates; a no-op once done
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server busy: {self.jobs.maxsize} requests already queued; retry later") from None
+        try:
+            return job.done.result()
+        except futures.CancelledError:
+            raise RequestError(grpc.StatusCode.CANCELLED, "call cancelled") from None
 
     def stop(self):
         self.jobs.put(None)
@@ -88,6 +106,10 @@ class Batcher:
             self.largest_batch = max(self.largest_batch, len(batch))
 
     def _run(self, kind, gate, top_k, jobs):
+        live = [j for j in jobs if j.done.set_running_or_notify_cancel()]  # False: cancelled while queued
+        self.dropped += len(jobs) - len(live)
+        if not (jobs := live):
+            return
         try:
             prompts = [j.prompt for j in jobs]
             if kind == "route":
@@ -146,14 +168,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if not 1 <= top_k <= len(self.served.experts):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be between 1 and {len(self.served.experts)}, got {top_k}")
             self.served.check_request(prompt, n)  # too many tokens -> INVALID_ARGUMENT
-            text, weights = self.batcher.submit(_Job("generate", prompt, gate, top_k, n))
+            text, weights = self.batcher.submit(_Job("generate", prompt, gate, top_k, n), context)
             return pb.GenerateReply(text=text, experts=_expert_weights(self.served, weights, True), gate=gate)
         return self._call(context, run)
 
     def Route(self, request, context):
         def run():
             prompt, gate = self._prompt(request.prompt), self._gate(request.gate)
-            _, weights = self.batcher.submit(_Job("route", prompt, gate))
+            _, weights = self.batcher.submit(_Job("route", prompt, gate), context)
             return pb.RouteReply(experts=_expert_weights(self.served, weights, False), gate=gate)
         return self._call(context, run)
 
@@ -162,21 +184,35 @@ class Serving:
     """A running inference server: `port`, `served`, `stop()`, `wait()`."""
 
     def __init__(self, served, default_gate: str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16,
-                 max_wait_s: float = 0.01, workers: int = 32):
+                 max_wait_s: float = 0.01, workers: int = 32, token: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+                 tls: tuple[bytes, bytes] | None = None):
+        """`token`: required on every call (None: a new one, in `.token`); `tls`: (key PEM,
+        certificate chain PEM) to serve TLS; `max_queue`: waiting requests before RESOURCE_EXHAUSTED."""
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
+        from fedmoe.server.ops.dashboard import new_token
+        from fedmoe.server.ops.operator_service import TokenInterceptor
+
         if default_gate not in served.gates:
             raise FedmoeError(f"unknown gate {default_gate!r}: available gates are {', '.join(served.gates)}")
+        if token is not None and not token.strip():
+            raise FedmoeError("serve token must not be empty")
+        if max_queue < 1:
+            raise FedmoeError(f"--max-queue must be >= 1, got {max_queue}")
+        self.token = token or new_token()
         self.served, self.default_gate = served, default_gate
-        self.batcher = Batcher(served, max_batch, max_wait_s)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+        self.batcher = Batcher(served, max_batch, max_wait_s, max_queue)
+        # Handler threads beyond the queue would only wait: a full queue refuses at once instead.
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[TokenInterceptor(self.token)],
+                                  maximum_concurrent_rpcs=max_queue + workers)
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(served, default_gate, self.batcher), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            self.port = (self.server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([tls])) if tls
+                         else self.server.add_insecure_port(f"{host}:{port}"))
         except RuntimeError as exc:
             raise FedmoeError(f"cannot listen on {host}:{port}: {exc}") from None
         if not self.port:
