@@ -46,23 +46,6 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
 
 
-def add_short_round_flags(p) -> None:
-    """--min-replies, --short-round, --max-retries: `fedmoe simulate` and `fedmoe coordinator start`."""
-    p.add_argument("--min-replies", type=int, default=1,
-                   help="accepted replies each expert needs per round, at most its sampled sites (default 1)")
-    p.add_argument("--short-round", default="proceed", choices=["proceed", "retry", "fail"],
-                   help="a round short of --min-replies at its deadline: proceed with what arrived (default), "
-                        "retry = re-send to the missing sites then proceed, fail = re-send then stop the run")
-    p.add_argument("--max-retries", type=int, default=1, help="retry/fail: re-sends per round before giving up (default 1)")
-
-
-def check_short_round_flags(args) -> None:
-    if args.min_replies < 1:
-        raise FedmoeError(f"--min-replies must be >= 1, got {args.min_replies}")
-    if args.max_retries < 0:
-        raise FedmoeError(f"--max-retries must be >= 0, got {args.max_retries}")
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()

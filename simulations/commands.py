@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmoe.shared.cli import add_json_flag, add_short_round_flags, check_short_round_flags, print_json
+from fedmoe.shared.cli import add_json_flag, print_json
 
 
 def register(sub) -> None:
@@ -24,47 +24,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_make_suite)
 
     s = sub.add_parser("simulate", help="run a whole federation on this machine (Flower Simulation Engine)")
-    from fedmoe.simulations.presets import PRESETS
+    from fedmoe.shared.config import add_flags
+    from fedmoe.simulations.simulate import PRESET_FIELDS, SimulationRun
 
-    s.add_argument("--preset", default="smoke", choices=list(PRESETS), help="scenario size (default: smoke)")
-    s.add_argument("--model", help="base model: a folder, or smollm2-135m (fetched on first use) (default: the preset's, "
-                                   "else the tiny model)")
-    s.add_argument("--local-steps", type=int, help="local training steps per site per round (default: the preset's)")
-    s.add_argument("--lr", type=float, help="local learning rate (default: the preset's)")
-    s.add_argument("--batch-size", type=int, help="local batch size (default: the preset's)")
-    s.add_argument("--ranks", type=parse_ranks, help="LoRA ranks cycled over the sites, e.g. 4,8,16 (default: the preset's)")
-    s.add_argument("--quant", choices=["nf4", "int8", "none"], help="the sites' base model (default: the preset's)")
-    s.add_argument("--sites-per-domain", type=int, help="sites per domain (default: the preset's)")
-    s.add_argument("--fraction", type=float, help="share of each domain's sites sampled per round (default: the preset's)")
-    s.add_argument("--seed", type=int, help="seed of the suite, sampling and initialisation (default: the preset's)")
-    s.add_argument("--data-dir", help="suite folder of site folders + mixed-eval.jsonl (default: generated)")
-    s.add_argument("--rounds", type=int, help="federated rounds (default: the preset's)")
-    s.add_argument("--aggregation", default="exact", choices=["exact", "naive"], help="exact (default) or naive FedIT")
-    s.add_argument("--compression", default="none", choices=["none", "fp16", "int8"],
-                   help="adapter codec on the wire, both ways (default none = fp32)")
     s.add_argument("--out", help="run folder to write (run.db, experts/, report.*)")
     s.add_argument("--resume", metavar="OUT", help="continue a killed run in OUT from its last committed round")
-    s.add_argument("--ray-address", help="run on an existing Ray cluster at this address")
-    s.add_argument("--no-baselines", action="store_true", help="skip local_only, fedavg_single and centralized")
-    s.add_argument("--no-moe", action="store_true", help="skip the MoE gates and static merges (moe_*, static_*)")
-    s.add_argument("--robust", default="none", choices=["none", "norm", "trimmed-mean", "median"],
-                   help="robust aggregation: norm = outlier rejection + norm bounding (exact); trimmed-mean/median "
-                        "= coordinate-wise on factors (default none)")
-    s.add_argument("--chaos", metavar="SPEC", help='faulty sites, e.g. "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"')
-    s.add_argument("--privacy", default="none", choices=["none", "ffa", "dp", "secagg"],
-                   help="ffa: frozen shared A (FFA-LoRA); dp: ffa + site clipping + Gaussian noise + RDP accounting; "
-                        "secagg: ffa + site clipping, per-domain sums through Flower's SecAgg+")
-    s.add_argument("--noise-multiplier", type=float, default=1.0, help="dp: noise std / clip (default 1.0)")
-    s.add_argument("--clip", type=float, help="dp, secagg: site update norm bound C (default: dp 1.0, secagg 100)")
-    s.add_argument("--epsilon-budget", type=float, help="dp: stop before a round that would exceed this epsilon")
-    s.add_argument("--dp-delta", type=float, default=1e-5, help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
-    s.add_argument("--no-mia", action="store_true", help="skip the membership-inference check in the report")
-    s.add_argument("--prox-mu", type=float, default=0.0, help="FedProx: proximal term weight on the sites (default 0: off)")
-    s.add_argument("--server-opt", default="none", choices=["none", "fedadam"],
-                   help="server-side optimizer on each expert's aggregate (default none: the aggregate is the expert)")
-    s.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
-    s.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (Adam's eps, default 1e-3)")
-    add_short_round_flags(s)
+    # every option of the run: one flag per field of SimulationRun (its options and StrategyConfig)
+    add_flags(s, SimulationRun, shown={f.replace("_", "-"): "the preset's" for f in PRESET_FIELDS}
+              | {"quant": "the preset's", "round-timeout": "600 in simulation"})
     add_json_flag(s)
     s.set_defaults(func=cmd_simulate)
     register_bench(sub)
@@ -105,26 +72,21 @@ def cmd_make_suite(args) -> int:
 
 def cmd_simulate(args) -> int:
     from fedmoe.server.federation.faults import armed_faults
-    from fedmoe.server.federation.privacy import default_clip
+    from fedmoe.shared.config import apply_flags, given_flags
     from fedmoe.shared.errors import FedmoeError
-    from fedmoe.simulations.simulate import report_table, resume_args, simulate
+    from fedmoe.simulations.simulate import preset_run, report_table, resume_run, simulate
 
     armed_faults()  # FEDMOE_FAULT (crash tests): a typo is a one-line error before anything starts
-    check_short_round_flags(args)
     if args.resume:
-        report = simulate(out=args.resume, resume=True, **resume_args(args.resume))
+        if given_flags(args):
+            raise FedmoeError(f"--resume runs with the options it started with; drop --{sorted(given_flags(args))[0].split('.')[-1].replace('_', '-')}")
+        report = simulate(resume_run(args.resume), args.resume, resume=True)
         args.out = args.resume
     elif not args.out:
         raise FedmoeError("simulate needs --out DIR (or --resume DIR)")
     else:
-        report = simulate(args.preset, args.out, args.data_dir, args.rounds, args.aggregation, args.ray_address,
-                          baselines=not args.no_baselines, moe=not args.no_moe, compression=args.compression, robust=args.robust,
-                          chaos=args.chaos, privacy=args.privacy, noise_multiplier=args.noise_multiplier,
-                          clip=default_clip(args.privacy, args.clip),
-                          epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia,
-                          prox_mu=args.prox_mu, server_opt=args.server_opt, server_lr=args.server_lr,
-                          server_tau=args.server_tau, min_replies=args.min_replies, short_round=args.short_round,
-                          max_retries=args.max_retries, overrides=preset_overrides(args))
+        preset = getattr(args, "cfg__preset", "smoke")
+        report = simulate(apply_flags(preset_run(preset), args), args.out)
     if args.json:
         print_json(report)
     else:
@@ -134,21 +96,6 @@ def cmd_simulate(args) -> int:
         print(markdown(report).strip())
         print(f"wall {report['wall_seconds']:.0f}s; report: {args.out}/report.md")
     return 0
-
-
-def parse_ranks(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        return tuple(int(r) for r in text.split(",") if r.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,8,16, got {text!r}") from None
-
-
-def preset_overrides(args) -> dict:
-    from fedmoe.simulations.presets import OVERRIDES
-
-    return {name: getattr(args, name) for name in OVERRIDES if getattr(args, name, None) is not None}
 
 
 # `fedmoe bench NAME`: one module per benchmark in fedmoe.simulations.benchmarks, one line here.

@@ -20,13 +20,13 @@ def sections(out_dir: Path, model_dir, sites, rounds: int, seed: int, baselines:
         per_round: dict[int, float] = {}
         for m in metrics:
             per_round[m["round"]] = max(per_round.get(m["round"], 0.0), m["value"])
-        out["privacy"] |= {"noise_multiplier": strat.noise_multiplier, "clip": strat.clip, "delta": strat.dp_delta,
+        out["privacy"] |= {"noise_multiplier": strat.noise_multiplier, "clip": strat.site_clip, "delta": strat.dp_delta,
                            "epsilon_budget": strat.epsilon_budget, "accountant": "opacus RDP (site-level)",
                            "epsilon_per_round": [{"round": r, "epsilon": e} for r, e in sorted(per_round.items())],
                            "epsilon": per_round[max(per_round)] if per_round else 0.0,
                            "rounds_run": len(per_round), "stopped": results.get("stopped")}
     if strat.privacy == "secagg":
-        out["privacy"] |= {"clip": strat.clip, "protocol": "Flower SecAgg+ (one run per domain per round)",
+        out["privacy"] |= {"clip": strat.site_clip, "protocol": "Flower SecAgg+ (one run per domain per round)",
                            "quantization_tolerance": max(tolerances, default=None)}
     if chaos:
         out["chaos"] = chaos_section(chaos, seed, rounds, sites, baselines, participation)

@@ -7,10 +7,13 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.server.federation.run_config import StrategyConfig
+from fedmoe.shared.config import from_json, option, to_json
 from fedmoe.simulations.presets import PRESETS, SimPreset, with_overrides
 
 METHOD_ORDER = ("base", "local_only", "fedavg_single", "experts_oracle", "centralized")
@@ -85,46 +88,82 @@ def score_adapters(model_dir: Path, adapters: dict[str, Path], mixed, route) -> 
     return out
 
 
-def resume_args(out: str) -> dict:
-    """The arguments a run in `out` was started with (its simulate.json)."""
+@dataclass
+class SimulationOptions:
+    """What `fedmoe simulate` runs besides the federation's own config (StrategyConfig)."""
+
+    data_dir: str | None = option(None, help="suite folder of site folders + mixed-eval.jsonl (default: generated)")
+    rounds: int | None = option(None, help="federated rounds (default: the preset's)")
+    model: str | None = option(None, help="base model: a folder or a fetchable name such as smollm2-135m "
+                                          "(default: the preset's)")
+    ranks: tuple[int, ...] | None = option(None, help="LoRA ranks cycled over the sites, e.g. 4,8,16 (default: the preset's)")
+    quant: str | None = option(None, choices=("nf4", "int8", "none"), help="site base-model quantization")
+    sites_per_domain: int | None = option(None, help="sites per domain of the generated suite (default: the preset's)")
+    ray_address: str | None = option(None, help="run on an existing Ray cluster at this address")
+    baselines: bool = option(True, help="train local_only, fedavg_single and centralized beside the federation")
+    moe: bool = option(True, help="score the MoE gates and static merges (moe_*, static_*)")
+    mia: bool = option(True, help="the membership-inference check in the report")
+    chaos: str | None = option(None, help='faulty sites, e.g. "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"')
+
+
+# StrategyConfig fields a preset sets (a flag overrides them; "default: the preset's")
+PRESET_FIELDS = ("local_steps", "batch_size", "lr", "seed", "fraction")
+
+
+@dataclass
+class SimulationRun:
+    """One `fedmoe simulate`: the preset, the options and the federation's StrategyConfig
+    with the preset's values filled in. `simulate.json` is this, as JSON."""
+
+    preset: str = option("smoke", choices=tuple(PRESETS), help="scenario size and model")
+    options: SimulationOptions = field(default_factory=SimulationOptions)
+    strategy: StrategyConfig = field(default_factory=lambda: preset_strategy("smoke"))
+
+
+def preset_strategy(name: str) -> StrategyConfig:
+    if name not in PRESETS:
+        raise FedmoeError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return StrategyConfig(round_timeout=600, **{f: getattr(p, f) for f in PRESET_FIELDS})
+
+
+def preset_run(name: str) -> SimulationRun:
+    """The run `--preset NAME` describes before any other flag."""
+    return SimulationRun(preset=name, strategy=preset_strategy(name))
+
+
+def resume_run(out: str) -> SimulationRun:
+    """The run in `out` as it was started (its simulate.json)."""
     path = Path(out) / "simulate.json"
     if not (Path(out) / "run.db").exists() or not path.exists():
         raise FedmoeError(f"nothing to resume in {out}: no run.db / simulate.json from `fedmoe simulate`")
-    return json.loads(path.read_text())
+    return from_json(SimulationRun, json.loads(path.read_text()), where=str(path))
 
 
-def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str | None = None, rounds: int | None = None,
-             aggregation: str = "exact", ray_address: str | None = None, baselines: bool = True,
-             compression: str = "none", resume: bool = False, robust: str = "none", chaos: str | None = None,
-             privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
-             dp_delta: float = 1e-5, mia: bool = True, moe: bool = True, prox_mu: float = 0.0, server_opt: str = "none",
-             server_lr: float = 3e-3, server_tau: float = 1e-3, min_replies: int = 1, short_round: str = "proceed",
-             max_retries: int = 1, overrides: dict | None = None) -> dict:
-    """`overrides` replaces preset fields (presets.OVERRIDES: local_steps, lr, batch_size,
-    ranks, quant, sites_per_domain, fraction, seed, model)."""
+def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
     import torch
 
     from fedmoe.server.federation.server_app import FederationPlan
     from fedmoe.simulations.baselines import BASELINES, BaselineWorker, worker_groups
-    from fedmoe.server.federation.strategy import StrategyConfig
     from fedmoe.shared.commands import resolve_model_dir
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
     from fedmoe.shared.training import TrainConfig, evaluate
 
+    opts, preset_name = run.options, run.preset
     if preset_name not in PRESETS:
         raise FedmoeError(f"unknown preset {preset_name!r}: choose one of {', '.join(PRESETS)}")
-    preset = with_overrides(PRESETS[preset_name], overrides)
-    rounds = preset.rounds if rounds is None else rounds
+    # the preset, with the options and the strategy's values in force (checked by with_overrides)
+    preset = with_overrides(PRESETS[preset_name], {"model": opts.model, "ranks": opts.ranks, "quant": opts.quant,
+                                                  "sites_per_domain": opts.sites_per_domain,
+                                                  **{f: getattr(run.strategy, f) for f in PRESET_FIELDS}})
+    data_dir, ray_address, baselines, moe, mia, chaos = (opts.data_dir, opts.ray_address, opts.baselines, opts.moe,
+                                                         opts.mia, opts.chaos)
+    rounds = preset.rounds if opts.rounds is None else opts.rounds
     if rounds < 1:
         raise FedmoeError(f"--rounds must be >= 1, got {rounds}")
-    # Every option is checked here, before anything is written to --out.
-    strategy = StrategyConfig(local_steps=preset.local_steps, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed,
-                              fraction=preset.fraction, aggregation=aggregation, single_expert=baselines, round_timeout=600, compression=compression,
-                              robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
-                              dp_delta=dp_delta, epsilon_budget=epsilon_budget, prox_mu=prox_mu, server_opt=server_opt,
-                              server_lr=server_lr, server_tau=server_tau, min_replies=min_replies,
-                              short_round=short_round, max_retries=max_retries)
-    chaos_spec = chaos  # as given (simulate.json, so a resume normalizes it the same way)
+    strategy = replace(run.strategy, single_expert=baselines)  # checked here, before anything is written to --out
+    aggregation, compression, robust = strategy.aggregation, strategy.compression, strategy.robust
+    server_opt, prox_mu = strategy.server_opt, strategy.prox_mu
     if chaos:
         from fedmoe.client.chaos import chaos_seed, format_chaos, parse_chaos
 
@@ -138,13 +177,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
         raise FedmoeError(f"{out_dir} already holds a run (run.db); choose another --out, or --resume it")
     if not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "simulate.json").write_text(json.dumps(
-            {"preset_name": preset_name, "data_dir": data_dir, "rounds": rounds, "aggregation": aggregation,
-             "ray_address": ray_address, "baselines": baselines, "moe": moe, "compression": compression, "robust": robust,
-             "chaos": chaos_spec, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
-             "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia, "prox_mu": prox_mu,
-             "server_opt": server_opt, "server_lr": server_lr, "server_tau": server_tau, "min_replies": min_replies,
-             "short_round": short_round, "max_retries": max_retries, "overrides": overrides or {}}, indent=2))
+        (out_dir / "simulate.json").write_text(json.dumps(to_json(run), indent=2))
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
     mixed = load_mixed_eval(suite)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import signal
 import sys
 
-from fedmoe.shared.cli import add_json_flag, add_short_round_flags, check_short_round_flags, print_json
+from fedmoe.server.federation.run_config import FederationPlan
+from fedmoe.shared.cli import add_json_flag, print_json
+from fedmoe.shared.config import add_flags, apply_flags, to_flat
+
+# run-config fields a deployed coordinator does not take as flags: the simulation's
+# single-expert baseline (fedmoe simulate has it)
+DEPLOYED_SKIP = {"single-expert"}
 
 
 def register(sub) -> None:
@@ -19,26 +25,9 @@ def register(sub) -> None:
     p.add_argument("--out", help="run folder to write (run.db, experts/, logs, flwr/)")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its newest verified round, with the run "
                                                    "config it started with (the run-config flags are ignored)")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    p.add_argument("--expected-sites", type=int, default=1, help="sites to wait for before the first round (default 1)")
-    p.add_argument("--node-wait", type=float, default=120.0, help="seconds to wait for the expected sites (default 120)")
-    p.add_argument("--local-steps", type=int, default=30, help="optimizer steps per site per round (default 30)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--aggregation", default="exact", choices=["exact", "naive"], help="exact (default) or naive FedIT")
-    p.add_argument("--round-timeout", type=float, default=900.0,
-                   help="seconds a round waits for its sites; late or dead sites are counted as failed (default 900)")
-    p.add_argument("--prox-mu", type=float, default=0.0, help="FedProx: proximal term weight on the sites (default 0: off)")
-    p.add_argument("--server-opt", default="none", choices=["none", "fedadam"], help="server-side optimizer on each expert")
-    p.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
-    p.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (default 1e-3)")
-    add_short_round_flags(p)
+    # every run-config option, one flag per field of FederationPlan / StrategyConfig
+    add_flags(p, FederationPlan, skip=DEPLOYED_SKIP)
     p.add_argument("--model", help="base model directory (default: the built-in tiny model)")
-    p.add_argument("--privacy", default="none", choices=["none", "ffa", "secagg"],
-                   help="ffa: frozen shared A (FFA-LoRA); secagg: ffa + site clipping, per-domain sums through "
-                        "Flower's SecAgg+ (needs 2+ sites per domain) (default none)")
-    p.add_argument("--clip", type=float, help="secagg: site update norm bound C (default 100)")
     p.add_argument("--timeout", type=float, help="give up (and stop everything) if the run has not ended after this many seconds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication: loopback host only, for testing")
     p.add_argument("--ssl-ca-certfile", help="CA certificate (PEM) the sites trust")
@@ -63,37 +52,26 @@ def cmd_coordinator_start(args) -> int:
     from fedmoe.shared.errors import FedmoeError
 
     armed_faults()  # FEDMOE_FAULT reaches the ServerApp: check it here, in one line
-    check_short_round_flags(args)
     if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
         raise FedmoeError("--resume OUT and --out name different folders: give one")
     if not (args.resume or args.out):
         raise FedmoeError("coordinator start needs --out DIR (or --resume DIR)")
-
-    for flag, value, low in (("--rounds", args.rounds, 1), ("--expected-sites", args.expected_sites, 1),
-                             ("--local-steps", args.local_steps, 1), ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            raise FedmoeError(f"{flag} must be >= {low}, got {value}")
-    if args.round_timeout <= 0:
-        raise FedmoeError(f"--round-timeout must be positive, got {args.round_timeout}")
-    from fedmoe.server.federation.privacy import default_clip
-
-    args.clip = default_clip(args.privacy, args.clip)
-    if not args.clip > 0:
-        raise FedmoeError(f"--clip must be > 0, got {args.clip}")
     if args.model and not Path(args.model).is_dir():
         raise FedmoeError(f"--model: folder not found: {args.model}")
+    # the flags given, over the deployed defaults; the dataclasses check every value
+    plan = apply_flags(FederationPlan(preset="deployed", model_dir=str(Path(args.model).resolve()) if args.model else ""), args)
+    if plan.strategy.privacy == "dp":
+        raise FedmoeError("--privacy dp runs in simulation only (fedmoe simulate); deployed, use ffa or secagg")
+    if plan.strategy.round_timeout <= 0:
+        raise FedmoeError(f"--round-timeout must be positive, got {plan.strategy.round_timeout}")
+    run_config = to_flat(plan)
+    for key in ("out", "preset", "resume"):  # set by run_coordinator / the stored config
+        run_config.pop(key, None)
     sec = Security(insecure=args.insecure, ca_certfile=args.ssl_ca_certfile, certfile=args.ssl_certfile,
                    keyfile=args.ssl_keyfile, supernode_auth=args.enable_supernode_auth, site_keys=args.site_public_key)
-    run_config = {"rounds": args.rounds, "expected-sites": args.expected_sites, "node-wait": args.node_wait,
-                  "local-steps": args.local_steps, "batch-size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "aggregation": args.aggregation, "round-timeout": args.round_timeout, "prox-mu": args.prox_mu,
-                  "server-opt": args.server_opt, "server-lr": args.server_lr, "server-tau": args.server_tau,
-                  "model-path": str(Path(args.model).resolve()) if args.model else "", "min-replies": args.min_replies,
-                  "short-round": args.short_round, "max-retries": args.max_retries,
-                  "privacy": args.privacy, "clip": args.clip}
     if args.resume:
         run_config, args.out = stored_run_config(args.resume), args.resume
-        args.rounds = int(run_config.get("rounds", args.rounds))
+    rounds = int(run_config.get("rounds", plan.rounds))
     echo = None if args.quiet or args.json else (lambda line: print(line, file=sys.stderr, flush=True))
 
     def on_sigterm(signum, frame):  # stop the run and the SuperLink as Ctrl-C does
@@ -110,11 +88,11 @@ def cmd_coordinator_start(args) -> int:
         if operator is not None:
             operator.stop()
     summary = {"run_id": result.run_id, "status": result.status, "rounds_committed": result.rounds_committed,
-               "rounds": args.rounds, "experts": result.experts, "seconds": result.seconds, "out": result.out}
-    ok = result.rounds_committed == args.rounds and "failed" not in result.status
+               "rounds": rounds, "experts": result.experts, "seconds": result.seconds, "out": result.out}
+    ok = result.rounds_committed == rounds and "failed" not in result.status
     if args.json:
         print_json(summary)
     else:
-        print(f"run {result.run_id}: {result.status}; {result.rounds_committed}/{args.rounds} rounds committed in "
+        print(f"run {result.run_id}: {result.status}; {result.rounds_committed}/{rounds} rounds committed in "
               f"{result.seconds:.0f}s; experts: {', '.join(result.experts) or 'none'} -> {result.out}")
     return 0 if ok else 1

@@ -26,39 +26,17 @@ from pathlib import Path
 from fedmoe.shared.network import is_loopback_host
 from fedmoe.shared.processes import die_with_parent
 from fedmoe.shared.processes import stop_group as stop_tree
+from fedmoe.server.federation.run_config import deployed_run_config
 from fedmoe.shared.errors import FedmoeError
 
 CONNECTION = "fedmoe"
 SERVER_APP = "fedmoe.server.federation.server_app:app"
 CLIENT_APP = "fedmoe.client.client_app:app"
 
-# The run config the ServerApp reads (server_app.plan_from_run_config), with defaults.
-# Mirrored in pyproject.toml's [tool.flwr.app.config]; tests check the two agree.
-APP_CONFIG: dict = {
-    "rounds": 3,
-    "local-steps": 30,
-    "batch-size": 16,
-    "lr": 0.003,
-    "seed": 0,
-    "aggregation": "exact",
-    "fraction": 1.0,
-    "min-nodes": 1,
-    "round-timeout": 900.0,
-    "prox-mu": 0.0,
-    "server-opt": "none",
-    "server-lr": 0.003,
-    "server-tau": 0.001,
-    "expected-sites": 1,
-    "node-wait": 120.0,
-    "out": "runs/deployed",
-    "model-path": "",
-    "min-replies": 1,
-    "short-round": "proceed",
-    "max-retries": 1,
-    "resume": False,
-    "privacy": "none",
-    "clip": 0.0,  # 0: the privacy mode's default (fedmoe.server.federation.privacy.DEFAULT_CLIP)
-}
+# The run config the ServerApp reads (server_app.plan_from_run_config), with defaults:
+# the flat view of FederationPlan. pyproject.toml's [tool.flwr.app.config] is the same
+# (regenerate it with `python -m fedmoe.server.federation.run_config`; a test checks).
+APP_CONFIG: dict = deployed_run_config()
 
 
 def log(text: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -15,25 +15,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedmoe.server.federation.experts import save_expert
 from fedmoe.server.federation.faults import armed_faults
 from fedmoe.server.federation.run_store import RunStore
-from fedmoe.server.federation.strategy import (SINGLE_EXPERT, DomainExpertStrategy, ShortRoundError, StrategyConfig,
-                                                node_from_describe, send_round)
+from fedmoe.server.federation.strategy import SINGLE_EXPERT, DomainExpertStrategy, ShortRoundError, node_from_describe, send_round
+from fedmoe.server.federation.run_config import FederationPlan, StrategyConfig  # noqa: F401 (re-exported)
+from fedmoe.shared.config import from_flat
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.modeling import adapter_spec_for, model_fingerprint
 from fedmoe.shared.names import inside
 from fedmoe.shared.runs import write_run_info
-
-
-@dataclass
-class FederationPlan:
-    model_dir: str
-    out_dir: str
-    rounds: int = 3
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    expected_nodes: int = 1
-    node_wait: float = 120.0  # seconds to wait for `expected_nodes` to connect
-    query_timeout: float = 300.0
-    preset: str = "custom"
-    resume: bool = False  # continue from the last verified committed round in out_dir
 
 
 def log(text: str) -> None:
@@ -205,23 +193,10 @@ def build_server_app(plan: FederationPlan | None = None, results: dict | None = 
 
 
 def plan_from_run_config(cfg) -> FederationPlan:
-    from fedmoe.server.federation.privacy import default_clip
     from fedmoe.shared.pretrain import ensure_default_model
 
-    strategy = StrategyConfig(
-        local_steps=int(cfg.get("local-steps", 30)), batch_size=int(cfg.get("batch-size", 16)), lr=float(cfg.get("lr", 3e-3)),
-        seed=int(cfg.get("seed", 0)), aggregation=str(cfg.get("aggregation", "exact")),
-        fraction=float(cfg.get("fraction", 1.0)), min_nodes=int(cfg.get("min-nodes", 1)),
-        round_timeout=float(cfg.get("round-timeout", 900)), prox_mu=float(cfg.get("prox-mu", 0.0)),
-        server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 3e-3)),
-        server_tau=float(cfg.get("server-tau", 1e-3)), min_replies=int(cfg.get("min-replies", 1)),
-        short_round=str(cfg.get("short-round", "proceed")), max_retries=int(cfg.get("max-retries", 1)),
-        privacy=str(cfg.get("privacy", "none")), max_rank=int(cfg.get("max-rank", 64)),
-        max_examples=int(cfg.get("max-examples", 10_000_000)),
-        clip=default_clip(str(cfg.get("privacy", "none")), float(cfg.get("clip", 0.0)) or None))
-    return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
-                          rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),
-                          node_wait=float(cfg.get("node-wait", 120)), preset="deployed", resume=bool(cfg.get("resume", False)))
+    plan = from_flat(FederationPlan, dict(cfg), where="run config")
+    return replace(plan, model_dir=plan.model_dir or str(ensure_default_model()), preset="deployed")
 
 
 app = build_server_app()

@@ -27,67 +27,9 @@ from fedmoe.shared import compression
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError
 from fedmoe.shared.names import check_name, shown
+from fedmoe.server.federation.run_config import SERVER_OPTIMIZERS, SHORT_ROUND_POLICIES, StrategyConfig  # noqa: F401
 
 SINGLE_EXPERT = "all"
-SERVER_OPTIMIZERS = ("none", "fedadam")
-SHORT_ROUND_POLICIES = ("proceed", "retry", "fail")
-
-
-@dataclass
-class StrategyConfig:
-    local_steps: int = 30
-    batch_size: int = 16
-    lr: float = 3e-3
-    seed: int = 0
-    aggregation: str = "exact"  # exact | naive
-    fraction: float = 1.0
-    min_nodes: int = 1
-    round_timeout: float = 900.0
-    prox_mu: float = 0.0
-    max_update_norm: float = 1e4
-    single_expert: bool = False
-    alpha_per_rank: float = 2.0  # alpha = 2 r, the peft habit
-    compression: str = "none"  # none | fp16 | int8: adapters both ways (fedmoe.shared.compression)
-    robust: str = "none"  # none | norm | trimmed-mean | median (fedmoe.server.federation.robust)
-    privacy: str = "none"  # none | dp | secagg (fedmoe.server.federation.privacy)
-    noise_multiplier: float = 1.0  # dp: Gaussian noise std / clip
-    clip: float = 1.0  # dp: bound on a site's update norm ||s (B_k - B_0)||
-    dp_delta: float = 1e-5
-    epsilon_budget: float | None = None  # dp: stop before a round that would exceed it
-    server_opt: str = "none"  # none | fedadam: server-side Adam on each expert's ΔW (fedmoe.server.federation.server_optimizer)
-    server_lr: float = 3e-3  # fedadam: step size (~ a typical |ΔW| entry change per round on the default model)
-    server_tau: float = 1e-3  # fedadam: adaptivity (Adam's eps); steps are ~lr/tau x the pseudo-gradient where it is small
-    min_replies: int = 1  # accepted replies an expert needs per round (at most the sites sampled for it)
-    short_round: str = "proceed"  # proceed | retry | fail: what a round short of min_replies does at its deadline
-    max_retries: int = 1  # retry | fail: re-sends to the missing sites before proceeding | failing
-    max_rank: int = 64  # the largest LoRA rank a site may announce (its adapter is sent and aggregated at that rank)
-    max_examples: int = 10_000_000  # the most examples a site may claim: its aggregation weight is bounded by it
-
-    def __post_init__(self):  # checked when the config is made, before any federation starts or file is written
-        from fedmoe.server.federation.privacy import PrivacyConfig
-        from fedmoe.server.federation.robust import RobustConfig
-
-        if self.aggregation not in ("exact", "naive"):
-            raise FedmoeError(f"unknown aggregation {self.aggregation!r}: choose exact or naive")
-        compression.check_codec(self.compression)
-        RobustConfig(self.robust)
-        PrivacyConfig(self.privacy, self.noise_multiplier, self.clip, self.dp_delta, self.epsilon_budget)
-        if self.privacy == "secagg" and (self.robust != "none" or self.compression != "none"):
-            raise FedmoeError("--privacy secagg: the coordinator never sees a single update, so --robust and --compression "
-                              "do not apply (sites clip; SecAgg+ has its own quantization)")
-        if self.server_opt not in SERVER_OPTIMIZERS:
-            raise FedmoeError(f"unknown server optimizer {self.server_opt!r}: choose one of {', '.join(SERVER_OPTIMIZERS)}")
-        if self.server_opt != "none" and self.privacy != "none":
-            raise FedmoeError(f"--server-opt {self.server_opt} re-factorizes each expert, which breaks the frozen shared A of "
-                              f"--privacy {self.privacy}: use one or the other")
-        if self.short_round not in SHORT_ROUND_POLICIES:
-            raise FedmoeError(f"unknown short-round policy {self.short_round!r}: choose {', '.join(SHORT_ROUND_POLICIES)}")
-        if self.min_replies < 1 or self.max_retries < 0:
-            raise FedmoeError(f"min-replies must be >= 1 and max-retries >= 0, got {self.min_replies} and {self.max_retries}")
-        if self.max_rank < 1 or self.max_examples < 1:
-            raise FedmoeError(f"max-rank and max-examples must be >= 1, got {self.max_rank} and {self.max_examples}")
-
-
 @dataclass
 class Node:
     node_id: int
@@ -165,7 +107,7 @@ class DomainExpertStrategy:
         from fedmoe.server.federation.robust import RobustConfig
 
         self.robust = RobustConfig(cfg.robust)
-        self.privacy = PrivacyConfig(cfg.privacy, cfg.noise_multiplier, cfg.clip, cfg.dp_delta, cfg.epsilon_budget)
+        self.privacy = PrivacyConfig(cfg.privacy, cfg.noise_multiplier, cfg.site_clip, cfg.dp_delta, cfg.epsilon_budget)
         self._noise_std: dict[str, float] = {}
         self.accountant = PrivacyAccountant(cfg.noise_multiplier, cfg.dp_delta) if cfg.privacy == "dp" else None
         self.server_opt = None
