@@ -108,6 +108,7 @@ BENCHMARKS = {
     "aggregate": ("fedmoe.simulations.benchmarks.aggregate", "exact (streaming, QR) vs naive aggregation of N sites: time, peak memory"),
     "overhead": ("fedmoe.simulations.benchmarks.overhead", "fedmoe simulate wall time vs the sites' pure local training time"),
     "step-time": ("fedmoe.simulations.benchmarks.step_time", "seconds per local LoRA training step on a real model: nf4 vs none"),
+    "quality": ("fedmoe.simulations.benchmarks.quality", "every method over several seeds: mean ± sd and paired differences"),
     "resume": ("fedmoe.simulations.benchmarks.resume", "a simulation SIGKILLed K times and resumed vs one never killed: same numbers?"),
 }
 

@@ -1,0 +1,160 @@
+"""`fedmoe bench quality`: every method of the report over several seeds, mean ± sd, and
+the paired differences the README's claims rest on.
+
+Per seed (the suite, the sampling and every initialisation follow `--seed`), one full
+`fedmoe simulate --preset P --seed S` (federation, baselines, gates, static merges), plus
+two federation-only variants on the same seed for the paired comparisons that need a
+different federation: `--aggregation naive` and `--compression int8` (`--no-baselines
+--no-moe --no-mia`; only their experts are compared). Each run is a fresh process.
+
+Reported, per method: mean and sample sd over seeds of the mixed accuracy, the conflict
+set's (when the suite has one) and each domain's. Paired differences (per seed, then mean
+± sd): `exact_vs_naive` and `int8_vs_fp32` (experts_oracle), `gate_vs_oracle` (the best
+gate by mean), `experts_vs_local_only`, `experts_vs_centralized`. A difference whose
+|mean| is within 2 sd (or with one seed) is marked `"resolved": false`: report it as no
+measurable difference.
+
+    fedmoe bench quality --preset smoke --seeds 3
+    fedmoe bench quality --preset default --seeds 3 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {"naive": ["--aggregation", "naive"], "int8": ["--compression", "int8"]}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="smoke", help="simulate preset (default: smoke)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--no-variants", action="store_true",
+                   help="skip the naive-aggregation and int8-wire runs (no exact_vs_naive / int8_vs_fp32)")
+    p.add_argument("--keep-runs", help="folder to keep the run folders in (default: a temporary folder)")
+    p.add_argument("--extra", default="", help="more `fedmoe simulate` flags for every run, e.g. \"--rounds 2\"")
+
+
+def simulate(out: Path, preset: str, seed: int, extra: list[str]) -> dict:
+    from fedmoe.shared.errors import FedmoeError
+
+    cmd = [sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", preset, "--seed", str(seed),
+           "--out", str(out), "--json", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-2:])[-400:]
+        raise FedmoeError(f"bench quality: `{' '.join(cmd[3:])}` failed: {tail}")
+    report = json.loads((out / "report.json").read_text())
+    report["bench_seconds"] = time.perf_counter() - start
+    return report
+
+
+def mean_sd(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    d = [x - y for x, y in zip(a, b)]
+    out = mean_sd(d)
+    out["resolved"] = len(d) > 1 and abs(out["mean"]) > 2 * out["sd"]
+    return out
+
+
+def summarize(seeds: list[int], reports: list[dict], variants: dict[str, list[dict]]) -> dict:
+    methods: dict[str, dict] = {}
+    names = [m for m in reports[0]["methods"] if all(m in r["methods"] for r in reports)]
+    for name in names:
+        rows = [r["methods"][name] for r in reports]
+        entry = {"mixed": mean_sd([row["mixed"] for row in rows]),
+                 "per_domain": {d: mean_sd([row["per_domain"][d] for row in rows]) for d in rows[0]["per_domain"]}}
+        if all(isinstance(row.get("conflict"), (int, float)) for row in rows):
+            entry["conflict"] = mean_sd([row["conflict"] for row in rows])
+        methods[name] = entry
+
+    def series(name: str, source=reports) -> list[float]:
+        return [r["methods"][name]["mixed"] for r in source]
+
+    pairs: dict[str, dict] = {}
+    if "experts_oracle" in methods:
+        oracle = series("experts_oracle")
+        for other, label in (("local_only", "experts_vs_local_only"), ("centralized", "experts_vs_centralized")):
+            if other in methods:
+                pairs[label] = paired(oracle, series(other))
+        gates = [m for m in methods if m.startswith("moe_")]
+        if gates:
+            best = max(gates, key=lambda m: methods[m]["mixed"]["mean"])
+            pairs["gate_vs_oracle"] = paired(series(best), oracle) | {"gate": best}
+        for variant, label in (("naive", "exact_vs_naive"), ("int8", "int8_vs_fp32")):
+            runs = variants.get(variant)
+            if runs:
+                diff = paired(oracle, series("experts_oracle", runs))
+                pairs[label] = diff if variant == "naive" else {**diff, "mean": -diff["mean"]}  # int8 minus fp32
+    metric = reports[0].get("metric", "exact_match")
+    return {"benchmark": "quality", "preset": reports[0].get("preset"), "metric": metric, "seeds": seeds,
+            "methods": methods, "paired": pairs,
+            "seconds_per_seed": mean_sd([r["bench_seconds"] for r in reports]),
+            "note": "mean ± sample sd over seeds; a paired difference with |mean| <= 2 sd is not resolved "
+                    "(no measurable difference)"}
+
+
+def run(args) -> dict:
+    from fedmoe.shared.errors import FedmoeError
+
+    if args.seeds < 1:
+        raise FedmoeError(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    extra = args.extra.split()
+    reports, variants = [], {v: [] for v in ([] if args.no_variants else VARIANTS)}
+    with tempfile.TemporaryDirectory(prefix="fedmoe-bench-quality-") as tmp:
+        root = Path(args.keep_runs) if args.keep_runs else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for seed in seeds:
+            print(f"  seed {seed}: simulate --preset {args.preset} (all methods) ...", file=sys.stderr, flush=True)
+            reports.append(simulate(root / f"seed{seed}", args.preset, seed, extra))
+            for variant in variants:
+                print(f"  seed {seed}: {' '.join(VARIANTS[variant])} (federation only) ...", file=sys.stderr, flush=True)
+                flags = [*VARIANTS[variant], "--no-baselines", "--no-moe", "--no-mia", *extra]
+                variants[variant].append(simulate(root / f"seed{seed}-{variant}", args.preset, seed, flags))
+    return summarize(seeds, reports, variants)
+
+
+def summary(result: dict) -> str:
+    seeds = result["seeds"]
+    lines = [f"{result['preset']} preset, {len(seeds)} seeds {seeds}, metric {result['metric']} (mean ± sd):",
+             f"{'method':<24}{'mixed':>16}{'conflict':>16}"]
+    for name, m in result["methods"].items():
+        conflict = f"{m['conflict']['mean']:.3f} ± {m['conflict']['sd']:.3f}" if "conflict" in m else "-"
+        lines.append(f"{name:<24}{m['mixed']['mean']:>9.3f} ± {m['mixed']['sd']:.3f}{conflict:>16}")
+    lines.append("paired differences (points):")
+    for name, p in result["paired"].items():
+        verdict = "" if p["resolved"] else "  (no measurable difference)"
+        lines.append(f"  {name:<24}{100 * p['mean']:+7.1f} ± {100 * p['sd']:.1f}{verdict}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["methods"])
+    means = [result["methods"][n]["mixed"]["mean"] for n in names]
+    sds = [result["methods"][n]["mixed"]["sd"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    ax.bar(names, means, yerr=sds, capsize=3, color="#4C72B0")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"mixed {result['metric']} (mean ± sd, {len(result['seeds'])} seeds)")
+    ax.set_title(f"fedmoe bench quality --preset {result['preset']}", fontsize=9)
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

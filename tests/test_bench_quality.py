@@ -1,0 +1,38 @@
+"""`fedmoe bench quality`: mean ± sd per method over seeds and paired differences, with
+differences inside the noise marked unresolved."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmoe.simulations.benchmarks.quality import paired, summarize
+
+
+def report(oracle: float, local: float, gate: float, conflict: float = 0.5) -> dict:
+    methods = {"experts_oracle": oracle, "local_only": local, "moe_arrow": gate, "moe_learned": gate - 0.1}
+    return {"preset": "smoke", "metric": "acc_norm", "bench_seconds": 10.0,
+            "methods": {m: {"mixed": v, "conflict": conflict, "per_domain": {"law": v, "medicine": v}}
+                        for m, v in methods.items()}}
+
+
+def test_paired_differences_and_their_noise():
+    assert paired([0.5, 0.6, 0.7], [0.4, 0.5, 0.6]) == pytest.approx({"mean": 0.1, "sd": 0.0, "n": 3, "resolved": True})
+    noisy = paired([0.5, 0.4, 0.6], [0.45, 0.5, 0.5])  # +0.05, -0.1, +0.1: inside the noise
+    assert noisy["resolved"] is False and noisy["sd"] > 0
+    assert paired([0.9], [0.1])["resolved"] is False  # one seed resolves nothing
+
+
+def test_summary_has_the_documented_shape():
+    reports = [report(0.8, 0.5, 0.78), report(0.7, 0.45, 0.69), report(0.75, 0.5, 0.74)]
+    naive = [report(0.7, 0, 0), report(0.72, 0, 0), report(0.7, 0, 0)]
+    int8 = [report(0.8, 0, 0), report(0.71, 0, 0), report(0.74, 0, 0)]
+    out = summarize([0, 1, 2], reports, {"naive": naive, "int8": int8})
+    assert out["seeds"] == [0, 1, 2]
+    m = out["methods"]["experts_oracle"]
+    assert m["mixed"]["mean"] == pytest.approx(0.75) and m["mixed"]["sd"] == pytest.approx(0.05)
+    assert m["conflict"]["mean"] == pytest.approx(0.5) and set(m["per_domain"]) == {"law", "medicine"}
+    p = out["paired"]
+    assert p["experts_vs_local_only"]["mean"] == pytest.approx((0.3 + 0.25 + 0.25) / 3)
+    assert p["gate_vs_oracle"]["gate"] == "moe_arrow" and p["gate_vs_oracle"]["mean"] == pytest.approx(-0.0133, abs=1e-3)
+    assert p["exact_vs_naive"]["mean"] == pytest.approx((0.1 - 0.02 + 0.05) / 3)
+    assert p["int8_vs_fp32"]["mean"] == pytest.approx(0.0) and p["int8_vs_fp32"]["resolved"] is False
