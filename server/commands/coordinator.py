@@ -20,8 +20,9 @@ def register(sub) -> None:
     p = csub.add_parser("start", help="start a SuperLink, run the federation to its end, then stop",
                         description="Start a Flower SuperLink, submit the fedmoe app with `flwr run`, stream its log "
                                     "until the run ends, and stop the SuperLink. Sites join with `fedmoe site start`.")
-    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=9093, help="SuperLink port: fleet, control and runtime APIs (default 9093)")
+    p.add_argument("--host", default="127.0.0.1", help="address the sites reach (default 127.0.0.1): only the Fleet API is served there")
+    p.add_argument("--port", type=int, default=9093, help="the sites' port (default 9093); the SuperLink's Control and Runtime APIs stay on "
+                                                               "127.0.0.1 at a port of their own")
     p.add_argument("--out", help="run folder to write (run.db, experts/, logs, flwr/)")
     p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its newest verified round, with the run "
                                                    "config it started with (the run-config flags are ignored)")

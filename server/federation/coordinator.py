@@ -7,6 +7,14 @@ coordinator works from any installation of fedmoe (the app's code is the install
 `fedmoe` package; the bundle Flower ships to the nodes carries only the manifest) and
 never touches the operator's `~/.flwr`. The same `[tool.flwr.app]` section is in the
 repository's pyproject.toml, so `flwr run . <connection>` also works from a checkout.
+
+Only the Fleet API faces the network. Flower 1.42's SuperLink serves Fleet, Control and
+Runtime on one host:port with no Control API authentication (outside Flower's enterprise
+OIDC plugin), so the SuperLink listens on 127.0.0.1 at a port of its own and
+fedmoe.server.federation.fleet_gate listens on the public `--host:--port`, forwarding
+only `/v1/fleet/*`. fedmoe's own `flwr run/ls/stop/supernode register` go to the loopback
+address. With TLS, the loopback SuperLink gets a certificate made for 127.0.0.1 at each
+start (in `<out>/flwr/loopback-tls/`), so the operator's certificate need not name it.
 """
 
 from __future__ import annotations
@@ -96,16 +104,17 @@ def _version() -> str:
         return "0.1.0"
 
 
-def write_flwr_home(home: Path, address: str, sec: Security) -> Path:
-    """`$FLWR_HOME/config.toml` with one connection, and the app folder; returns the app folder."""
+def write_flwr_home(home: Path, address: str, root_certificates: str | None) -> Path:
+    """`$FLWR_HOME/config.toml` with one connection (insecure when `root_certificates` is
+    None), and the app folder; returns the app folder."""
     import tomli_w
 
     home.mkdir(parents=True, exist_ok=True)
     conn: dict = {"address": address}
-    if sec.insecure:
+    if root_certificates is None:
         conn["insecure"] = True
     else:
-        conn["root-certificates"] = str(Path(sec.ca_certfile).resolve())
+        conn["root-certificates"] = str(Path(root_certificates).resolve())
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
     app = home / "app"
     app.mkdir(exist_ok=True)
@@ -113,17 +122,35 @@ def write_flwr_home(home: Path, address: str, sec: Security) -> Path:
     return app
 
 
-def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float, logfile: Path) -> None:
+def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float, logfile: Path,
+                   name: str = "flower-superlink") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise FedmoeError(f"flower-superlink exited with status {proc.returncode}: {tail(logfile)}")
+            raise FedmoeError(f"{name} exited with status {proc.returncode}: {tail(logfile)}")
         try:
             with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             time.sleep(0.3)
-    raise FedmoeError(f"flower-superlink did not listen on {host}:{port} within {timeout:.0f}s (log: {logfile})")
+    raise FedmoeError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s (log: {logfile})")
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_tls(home: Path) -> dict[str, str]:
+    """A throw-away CA and a certificate for 127.0.0.1, for the loopback SuperLink: made
+    at each start so no key outlives its coordinator, private keys 0600."""
+    from fedmoe.server.ops.keys import make_ca_and_server_cert
+
+    folder = home / "loopback-tls"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, mode=0o700)
+    return make_ca_and_server_cert(folder, ["127.0.0.1"], days=30)
 
 
 def tail(path: Path, lines: int = 3) -> str:
@@ -165,9 +192,13 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
         raise FedmoeError(f"{out} already holds a run (run.db); choose another --out, or --resume it")
     out.mkdir(parents=True, exist_ok=True)
     home = out / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    address = f"[{connect_host}]:{port}" if ":" in connect_host else f"{connect_host}:{port}"
-    app = write_flwr_home(home, address, sec)
+    inner_port = free_loopback_port()
+    inner = None if sec.insecure else loopback_tls(home)
+    # fedmoe's own flwr commands talk to the loopback SuperLink: the public port has no Control API.
+    control = f"127.0.0.1:{inner_port}"
+    app = write_flwr_home(home, control, None if inner is None else inner["ca_certfile"])
     config = dict(run_config, out=str(out))
     import tomli_w
 
@@ -175,24 +206,35 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     env.setdefault("PYTHONUNBUFFERED", "1")
 
-    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(inner_port), "--disable-runtime-dependency-installation"]
+    gate_cmd = [sys.executable, "-m", "fedmoe.server.federation.fleet_gate", "--host", host, "--port", str(port)]
     if sec.insecure:
         cmd.append("--insecure")
+        gate_cmd += ["--upstream", f"http://{control}"]
     else:
-        cmd += ["--ssl-ca-certfile", sec.ca_certfile, "--ssl-certfile", sec.certfile, "--ssl-keyfile", sec.keyfile]
+        cmd += ["--ssl-ca-certfile", inner["ca_certfile"], "--ssl-certfile", inner["certfile"], "--ssl-keyfile", inner["keyfile"]]
         if sec.supernode_auth:
             cmd.append("--enable-supernode-auth")
+        gate_cmd += ["--upstream", f"https://{control}", "--upstream-ca", inner["ca_certfile"],
+                     "--certfile", str(Path(sec.certfile).resolve()), "--keyfile", str(Path(sec.keyfile).resolve())]
     started = time.perf_counter()
     superlink_log = out / "superlink.log"
-    superlink = runner = None
+    gate_log = out / "fleet-gate.log"
+    superlink = runner = gate = None
     run_id = None
     status = "unknown"
     try:
         with open(superlink_log, "ab") as f:
             superlink = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                          preexec_fn=die_with_parent)
-        log(f"SuperLink (pid {superlink.pid}) starting on {host}:{port}; log: {superlink_log}")
-        wait_listening(connect_host, port, superlink, 120, superlink_log)
+        log(f"SuperLink (pid {superlink.pid}) starting; Control, Runtime and Fleet APIs on {control} (loopback only); "
+            f"log: {superlink_log}")
+        wait_listening("127.0.0.1", inner_port, superlink, 120, superlink_log)
+        with open(gate_log, "ab") as f:
+            gate = subprocess.Popen(gate_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent)
+        wait_listening(connect_host, port, gate, 60, gate_log, name="the fleet gate")
+        log(f"Fleet API for the sites on {host}:{port} (pid {gate.pid}; nothing else is served there)")
         for key in sec.site_keys:
             flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env, what=f"registering {key}")
         runner = subprocess.Popen(["flwr", "run", str(app), CONNECTION, "--run-config", str(home / "run-config.toml"), "--stream"],
@@ -206,6 +248,8 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
         while runner.poll() is None:
             if superlink.poll() is not None:
                 raise FedmoeError(f"flower-superlink exited with status {superlink.returncode}: {tail(superlink_log)}")
+            if gate.poll() is not None:
+                raise FedmoeError(f"the fleet gate exited with status {gate.returncode}: {tail(gate_log)}")
             if deadline is not None and time.monotonic() > deadline:
                 raise FedmoeError(f"the run did not finish within --timeout {timeout:.0f}s; see {run_log}")
             time.sleep(0.5)
@@ -222,6 +266,7 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
             # Stop the run on the SuperLink before stopping the SuperLink itself.
             subprocess.run(["flwr", "stop", str(run_id), CONNECTION], env=env, capture_output=True, timeout=60)
         stop_group(runner, 5)
+        stop_group(gate, 5)
         stop_group(superlink)
     rounds, experts, state = summarize(out)
     if state:
