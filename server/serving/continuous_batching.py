@@ -136,6 +136,7 @@ class ContinuousBatcher:
         self.steps = 0
         self.largest_batch = 0
         self.joins = 0  # admissions into a batch already decoding
+        self.taken = 0  # requests taken off the queue
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="fedmoe-decoder", daemon=True)
         self._thread.start()
@@ -173,6 +174,11 @@ class ContinuousBatcher:
             row.req.emit(("error", FedmoeError("the server is shutting down")))
 
     def _take(self) -> list[DecodeRequest]:
+        new = self._take_from_queue()
+        self.taken += len(new)
+        return new
+
+    def _take_from_queue(self) -> list[DecodeRequest]:
         room = self.max_batch - len(self.rows)
         new: list[DecodeRequest] = []
         if not self.rows:  # idle: wait for one, then a moment for a burst to gather
