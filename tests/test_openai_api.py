@@ -153,7 +153,13 @@ def test_without_the_key_every_call_is_401(api):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
-def test_concurrent_requests_for_four_experts_match_each_asked_alone(client, suite_dir):
+def _stats(api) -> dict:
+    import httpx
+
+    return httpx.get(api["http"]["url"] + "/fedmoe/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+
+
+def test_concurrent_requests_for_four_experts_match_each_asked_alone(api, client, suite_dir):
     """16 requests at once, 4 per expert (greedy): decoded together, rows routed to
     different experts in the same forwards, each gets exactly its expert's answer."""
     from fedmoe.shared.data import load_mixed_eval
@@ -172,8 +178,13 @@ def test_concurrent_requests_for_four_experts_match_each_asked_alone(client, sui
         start.wait(timeout=60)
         return ask(*job)
 
+    before = _stats(api)
     with futures.ThreadPoolExecutor(len(jobs)) as pool:
         batched = list(pool.map(together, jobs, timeout=300))
+    after = _stats(api)
+    # they really shared forwards, rows for different experts in the same step
+    assert after["largest_batch"] > 1 and after["mixed_expert_steps"] > before["mixed_expert_steps"]
+    assert after["in_flight"] == 0 and after["queued"] == 0
     assert batched == alone
     assert [e for _, e in batched] == [[m.split("/")[1]] for m, _ in jobs]
     assert len({t for t, _ in alone}) > 1  # the experts really do answer differently

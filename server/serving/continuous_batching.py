@@ -137,6 +137,8 @@ class ContinuousBatcher:
         self.largest_batch = 0
         self.joins = 0  # admissions into a batch already decoding
         self.taken = 0  # requests taken off the queue
+        self.mixed_steps = 0  # decoding steps whose rows went to more than one expert
+        self.rows_decoded = 0  # sum over steps of the rows in the step (mean batch = rows_decoded / steps)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="fedmoe-decoder", daemon=True)
         self._thread.start()
@@ -146,6 +148,12 @@ class ContinuousBatcher:
             self.queue.put_nowait(req)
         except queue.Full:
             raise QueueFull(f"the request queue is full ({self.queue.maxsize} waiting); retry later") from None
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "mixed_expert_steps": self.mixed_steps, "largest_batch": self.largest_batch,
+                "mean_batch": round(self.rows_decoded / self.steps, 3) if self.steps else 0.0, "joins": self.joins,
+                "requests": self.taken, "in_flight": len(self.rows), "queued": self.queue.qsize(),
+                "max_batch": self.max_batch, "max_queue": self.queue.maxsize}
 
     def stop(self) -> None:
         self._stopping = True
@@ -275,6 +283,8 @@ class ContinuousBatcher:
                                          position_ids=pos, use_cache=True, **{self.cache_kwarg: self.cache})
         self.cache = _returned_cache(out)
         self.steps += 1
+        self.rows_decoded += len(rows)
+        self.mixed_steps += len({row.expert for row in rows}) > 1
         self.largest_batch = max(self.largest_batch, len(rows))
         for row in rows:
             row.pos += 1

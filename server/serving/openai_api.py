@@ -171,6 +171,11 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
     async def list_models():
         return {"object": "list", "data": [model_card(m) for m in model_ids()]}
 
+    @app.get("/v1/fedmoe/stats")
+    async def stats():
+        """The decoder's counters (not an OpenAI endpoint): how well requests are batched."""
+        return batcher.stats()
+
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         resolve_model(model_id)
@@ -389,7 +394,8 @@ class OpenAIServer:
         self.host, self.port = host, sock.getsockname()[1]
         self.batcher = ContinuousBatcher(served, max_batch=max_batch, max_queue=max_queue, max_wait_s=max_wait_s)
         app = build_app(served, default_gate, self.batcher, self.api_keys)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                                    timeout_graceful_shutdown=2))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="fedmoe-http",
                                         daemon=True)
         self._thread.start()
