@@ -161,6 +161,7 @@ BENCHMARKS = {
     "aggregate": ("fedmoe.simulations.benchmarks.aggregate", "exact (streaming, QR) vs naive aggregation of N sites: time, peak memory"),
     "overhead": ("fedmoe.simulations.benchmarks.overhead", "fedmoe simulate wall time vs the sites' pure local training time"),
     "step-time": ("fedmoe.simulations.benchmarks.step_time", "seconds per local LoRA training step on a real model: nf4 vs none"),
+    "serve": ("fedmoe.simulations.benchmarks.serve", "the OpenAI-compatible API under 1/4/16 clients: tokens/s, p50/p95, gated vs one expert"),
     "resume": ("fedmoe.simulations.benchmarks.resume", "a simulation SIGKILLed K times and resumed vs one never killed: same numbers?"),
 }
 

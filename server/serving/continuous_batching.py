@@ -151,7 +151,8 @@ class ContinuousBatcher:
 
     def stats(self) -> dict:
         return {"steps": self.steps, "mixed_expert_steps": self.mixed_steps, "largest_batch": self.largest_batch,
-                "mean_batch": round(self.rows_decoded / self.steps, 3) if self.steps else 0.0, "joins": self.joins,
+                "mean_batch": round(self.rows_decoded / self.steps, 3) if self.steps else 0.0,
+                "rows_decoded": self.rows_decoded, "joins": self.joins,
                 "requests": self.taken, "in_flight": len(self.rows), "queued": self.queue.qsize(),
                 "max_batch": self.max_batch, "max_queue": self.queue.maxsize}
 
