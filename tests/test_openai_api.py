@@ -88,6 +88,9 @@ def test_sampling_knobs_seed_and_stop(client):
     b = client.completions.create(model="expert/medicine", prompt=prompt, max_tokens=12, temperature=1.2, top_p=0.9, seed=7)
     assert a.choices[0].text == b.choices[0].text  # a seed fixes a sampled answer
     greedy = client.completions.create(model="expert/medicine", prompt=prompt, max_tokens=12, temperature=0).choices[0]
+    fixed = client.completions.create(model="expert/medicine", prompt=prompt, max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert fixed.usage.completion_tokens == 5 and fixed.choices[0].finish_reason == "length"
     if len(greedy.text.strip()) > 2:  # stop at the greedy answer's second character: cut before it, reason "stop"
         stop = greedy.text[1:3]
         cut = client.completions.create(model="expert/medicine", prompt=prompt, max_tokens=12, temperature=0, stop=[stop])

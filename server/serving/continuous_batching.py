@@ -50,6 +50,7 @@ class DecodeRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # decode max_tokens whatever the model says (benchmarks; vLLM's extension)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -299,7 +300,7 @@ class ContinuousBatcher:
         context; otherwise emit whatever text is now certain and queue it to be fed."""
         req = row.req
         limit = self.served.max_positions
-        if tok == self.eos:
+        if tok == self.eos and not req.ignore_eos:
             return self._finish(row, "stop", final_text=None, eos=True)
         row.ids.append(tok)
         text = self.served.tokenizer.decode(row.ids, skip_special_tokens=True)

@@ -83,6 +83,7 @@ def _request_models():
         user: str | None = None
         presence_penalty: Literal[0, 0.0] = 0
         frequency_penalty: Literal[0, 0.0] = 0
+        ignore_eos: bool = False  # not OpenAI's: vLLM's extension, for fixed-length benchmarks
 
     class CompletionRequest(_Sampling):
         prompt: str | list[str]
@@ -197,7 +198,8 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
             raise APIError(400, f"too many tokens: the prompt has {len(prompt_ids)} and max_tokens is {max_tokens}, "
                            f"but the model takes at most {served.max_positions}", param="max_tokens",
                            code="context_length_exceeded")
-        return dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
+        return dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop,
+                    ignore_eos=body.ignore_eos)
 
     def tokenize(prompt: str, param: str) -> list[int]:
         if not prompt.strip():

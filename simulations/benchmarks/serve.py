@@ -9,7 +9,8 @@ prompts from the mixed eval set (every domain, interleaved). Two workloads at ea
 - "one expert": model `expert/<first>` for every request: the same batching with a
   single active LoRA, the best case for a batch.
 
-C = 1 is one request at a time. Reported per cell: completion tokens/s (usage counts
+Every request decodes exactly --new-tokens tokens (`ignore_eos`, vLLM's extension), so
+cells compare equal work. C = 1 is one request at a time. Reported per cell: completion tokens/s (usage counts
 over wall time), p50/p95 request latency, the decoder's mean batch and share of steps
 that mixed experts; and each throughput as a ratio to C = 1 of the same workload.
 
@@ -65,7 +66,7 @@ def _cell(url: str, key: str, model: str, prompts: list[str], clients: int, new_
                     _, prompt = todo.pop(0)
                 t0 = time.perf_counter()
                 r = http.post("/completions", json={"model": model, "prompt": prompt, "max_tokens": new_tokens,
-                                                    "temperature": 0})
+                                                    "temperature": 0, "ignore_eos": True})
                 dt = time.perf_counter() - t0
                 with lock:
                     if r.status_code != 200:
