@@ -275,6 +275,51 @@ def test_a_client_that_hangs_up_mid_stream_is_dropped(local_server):
     _wait(lambda: not batcher.rows and batcher.queue.qsize() == 0)
 
 
+def test_a_request_joining_a_running_batch_gets_its_answer_alone(local_server):
+    """Continuous batching: B arrives while A is decoding, joins A's batch between steps
+    (KV caches of different lengths merged, left-padded) and still gets, token for token,
+    the greedy text it gets alone; A does too."""
+    from fedmoe.server.serving.continuous_batching import ContinuousBatcher, DecodeRequest
+
+    served = local_server.served
+    batcher = ContinuousBatcher(served, max_batch=4)
+
+    def ask(prompt, expert, n, on_event=None):
+        events, done = [], threading.Event()
+
+        def emit(ev):
+            events.append(ev)
+            if on_event:
+                on_event(ev)
+            if ev[0] in ("done", "error"):
+                done.set()
+        ids = served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        batcher.submit(DecodeRequest(prompt, ids, emit, expert=expert, max_tokens=n, temperature=0, ignore_eos=True))
+        return events, done
+
+    def text(events):
+        assert events[-1][0] == "done", events[-1]
+        return "".join(ev[1] for ev in events if ev[0] == "text")
+
+    try:
+        a_prompt, b_prompt = "The judge in the appeals court read the long deed and", "A nurse"
+        alone = []
+        for prompt, expert, n in ((a_prompt, "law", 40), (b_prompt, "medicine", 12)):
+            events, done = ask(prompt, expert, n)
+            assert done.wait(60)
+            alone.append(text(events))
+        joins = batcher.joins
+        started = threading.Event()
+        a_events, a_done = ask(a_prompt, "law", 40, on_event=lambda ev: ev[0] == "routed" and started.set())
+        assert started.wait(60)  # A has left the queue: B cannot share its first batch, only join it
+        b_events, b_done = ask(b_prompt, "medicine", 12)
+        assert a_done.wait(60) and b_done.wait(60)
+        assert batcher.joins > joins  # B joined A's running batch
+        assert [text(a_events), text(b_events)] == alone
+    finally:
+        batcher.stop()
+
+
 def _wait(cond, timeout=30.0):
     import time
 
