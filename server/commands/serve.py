@@ -68,10 +68,10 @@ def start_from_args(args):
     return Serving(served, gate, args.host, args.grpc_port, args.max_batch, args.batch_wait_ms / 1000)
 
 
-def start_http_api(args, serving):
-    """The OpenAI-compatible API beside the gRPC server, over the same served model;
-    None without --http-port. A key made here is printed once, on stderr."""
-    from fedmoe.server.serving.openai_api import OpenAIServer, load_api_keys
+def http_api_keys(args) -> tuple[list[str], bool] | None:
+    """Check the HTTP API flags (before the model loads) and read its keys; None without
+    --http-port."""
+    from fedmoe.server.serving.openai_api import load_api_keys
 
     if args.http_port is None:
         if args.api_key_file:
@@ -81,7 +81,17 @@ def start_http_api(args, serving):
         raise FedmoeError(f"--http-port must be between 0 and 65535, got {args.http_port}")
     if args.max_queue < 1:
         raise FedmoeError(f"--max-queue must be >= 1, got {args.max_queue}")
-    keys, generated = load_api_keys(args.api_key_file)
+    return load_api_keys(args.api_key_file)
+
+
+def start_http_api(args, serving, keys: tuple[list[str], bool] | None):
+    """The OpenAI-compatible API beside the gRPC server, over the same served model;
+    None without --http-port. A key made here is printed once, on stderr."""
+    from fedmoe.server.serving.openai_api import OpenAIServer
+
+    if keys is None:
+        return None
+    keys, generated = keys
     api = OpenAIServer(serving.served, serving.default_gate, args.host, args.http_port, keys,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_wait_s=args.batch_wait_ms / 1000)
     if generated:
@@ -93,10 +103,11 @@ def start_http_api(args, serving):
 def cmd_serve(args) -> int:
     from fedmoe.server.commands.dashboard import start_from_args as start_operator_endpoints
 
+    keys = http_api_keys(args)
     serving = start_from_args(args)
     served = serving.served
     try:
-        api = start_http_api(args, serving)
+        api = start_http_api(args, serving, keys)
     except BaseException:
         serving.stop()
         raise

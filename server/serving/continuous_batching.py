@@ -256,14 +256,20 @@ class ContinuousBatcher:
             mask[i, width - n:] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         dev = served.device
-        out = served.expert_forward([row.expert for row in rows], input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                    position_ids=pos.to(dev), use_cache=True, logits_to_keep=1)
-        if self.rows:
+        try:
+            out = served.expert_forward([row.expert for row in rows], input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                        position_ids=pos.to(dev), use_cache=True, logits_to_keep=1)
+        except Exception as exc:  # the newcomers' prefill failed: the batch already decoding goes on
+            for row in rows:
+                row.req.emit(("error", exc))
+            return
+        joining = bool(self.rows)
+        self.rows += rows  # from here a failure fails everyone in flight (see _loop)
+        if joining:
             self._join(_returned_cache(out), mask.to(dev))
             self.joins += 1
         else:
             self.cache, self.mask = _returned_cache(out), mask.to(dev)
-        self.rows += rows
         for row, tok in zip(rows, sample_tokens(out.logits[:, -1], rows)):
             self._accept(row, tok)
         self._prune()
