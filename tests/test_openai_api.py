@@ -328,3 +328,18 @@ def _wait(cond, timeout=30.0):
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.01)
+
+
+def test_serve_benchmark_runs(served_run, tmp_path, capsys):
+    from fedmoe.shared.cli import main
+
+    code = main(["bench", "serve", "--run", str(served_run), "--requests", "4", "--new-tokens", "3",
+                 "--concurrency", "1,4", "--out", str(tmp_path), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["gate"] == "prototype" and set(result["workloads"]) == {"gated", "one_expert"}
+    for rows in result["workloads"].values():
+        assert [r["clients"] for r in rows] == [1, 4]
+        assert all(r["completion_tokens"] == 4 * 3 and r["tokens_per_s"] > 0 and r["p95_ms"] >= r["p50_ms"] for r in rows)
+        assert rows[0]["throughput_vs_one_at_a_time"] == 1.0 and rows[0]["mean_batch"] == 1.0
+    assert (tmp_path / "serve.json").is_file() and (tmp_path / "serve.png").is_file()
