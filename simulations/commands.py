@@ -109,6 +109,7 @@ BENCHMARKS = {
     "overhead": ("fedmoe.simulations.benchmarks.overhead", "fedmoe simulate wall time vs the sites' pure local training time"),
     "step-time": ("fedmoe.simulations.benchmarks.step_time", "seconds per local LoRA training step on a real model: nf4 vs none"),
     "quality": ("fedmoe.simulations.benchmarks.quality", "every method over several seeds: mean ± sd and paired differences"),
+    "serve": ("fedmoe.simulations.benchmarks.serve", "the OpenAI-compatible API under 1/4/16 clients: tokens/s, p50/p95, gated vs one expert"),
     "resume": ("fedmoe.simulations.benchmarks.resume", "a simulation SIGKILLed K times and resumed vs one never killed: same numbers?"),
 }
 

@@ -6,36 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from concurrent import futures
 
 import grpc
 import pytest
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, domain_adapters, suite_dir, tmp_path_factory):
-    """A finished run as `fedmoe simulate` leaves it: run.json, experts/, gates/."""
-    from fedmoe.server.moe.gates import save_gate
-    from fedmoe.simulations.moe_report import build_gates
-    from fedmoe.server.moe.served_model import ServedModel
-    from fedmoe.shared.data import find_sites, load_site
-    from fedmoe.shared.modeling import model_fingerprint
-    from fedmoe.shared.runs import write_run_info
-
-    run = tmp_path_factory.mktemp("served-run")
-    write_run_info(run, model=str(tiny_model_dir), base_fingerprint=model_fingerprint(tiny_model_dir),
-                   domains=sorted(domain_adapters))
-    for domain, path in domain_adapters.items():
-        shutil.copytree(path, run / "experts" / domain)
-    served = ServedModel(tiny_model_dir, {d: run / "experts" / d for d in sorted(domain_adapters)}, "cpu")
-    sites = [load_site(p) for p in find_sites(suite_dir)]
-    build_gates(served, sites, seed=0, gates=("prototype",))
-    save_gate(served.gates["prototype"], run / "gates")
-    (run / "gates" / "features.json").write_text(json.dumps(served.featurizer.cfg.as_dict()))
-    return run
+def run_dir(served_run):
+    return served_run
 
 
 @pytest.fixture(scope="module")

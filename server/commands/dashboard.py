@@ -24,16 +24,18 @@ DEFAULT_HTTP_PORT = 8765
 DEFAULT_GRPC_PORT = 9765
 
 
-def add_operator_flags(p, embedded: bool = False) -> None:
+def add_operator_flags(p, embedded: bool = False, http_flag: str = "--http-port") -> None:
     """The dashboard + operator API flags. `embedded` (for `fedmoe coordinator start` and
     `fedmoe serve`, whose --host/--token/--grpc-port mean other things): --http-port,
     --operator-port, --dashboard-host, --dashboard-token, both servers off unless a port is
-    given. Stand-alone (`fedmoe dashboard`): --http-port, --grpc-port, --host, --token."""
+    given. Stand-alone (`fedmoe dashboard`): --http-port, --grpc-port, --host, --token.
+    `http_flag` renames the dashboard's port flag (`fedmoe serve`: --dashboard-port, since
+    its --http-port is the OpenAI-compatible API)."""
     grpc_flag, host_flag, token_flag = (("--operator-port", "--dashboard-host", "--dashboard-token") if embedded
                                         else ("--grpc-port", "--host", "--token"))
     http_default, grpc_default = (None, None) if embedded else (DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT)
     off = " (default: off)" if embedded else ""
-    p.add_argument("--http-port", dest="http_port", type=int, default=http_default,
+    p.add_argument(http_flag, dest="dashboard_port", type=int, default=http_default,
                    help="web dashboard port (0: any free port)" + (off or f"; default {http_default}"))
     p.add_argument(grpc_flag, dest="operator_port", type=int, default=grpc_default,
                    help="operator gRPC API port, for `fedmoe status` (0: any free port; -1: off)" + (off or f"; default {grpc_default}"))
@@ -46,9 +48,9 @@ def add_operator_flags(p, embedded: bool = False) -> None:
 def start_from_args(args, run_dir: str | Path, out=print) -> "OperatorEndpoints | None":
     """For commands that took add_operator_flags(embedded=True): start what was asked for,
     print the banner (the token, once), return the handle (None if nothing was asked)."""
-    if args.http_port is None and args.operator_port is None:
+    if args.dashboard_port is None and args.operator_port is None:
         return None
-    ends = start_operator_endpoints(run_dir, args.dashboard_host, args.http_port, args.operator_port, args.dashboard_token)
+    ends = start_operator_endpoints(run_dir, args.dashboard_host, args.dashboard_port, args.operator_port, args.dashboard_token)
     out(ends.banner())
     return ends
 
@@ -138,7 +140,7 @@ def cmd_dashboard(args) -> int:
         raise FedmoeError(f"run folder not found: {run_dir}")
     if not (run_dir / "run.db").is_file():
         print(f"fedmoe: {run_dir} has no run.db yet; the dashboard shows the run once the coordinator starts it", file=sys.stderr)
-    ends = start_operator_endpoints(run_dir, args.dashboard_host, args.http_port, args.operator_port, args.dashboard_token)
+    ends = start_operator_endpoints(run_dir, args.dashboard_host, args.dashboard_port, args.operator_port, args.dashboard_token)
     if args.json:
         print_json(ends.info())
     else:

@@ -1,5 +1,5 @@
-"""`fedmoe serve` (a finished run's experts behind the gRPC InferenceService) and
-`fedmoe ask` (its command-line client).
+"""`fedmoe serve` (a finished run's experts behind the gRPC InferenceService and, with
+`--http-port`, the OpenAI-compatible HTTP API) and `fedmoe ask` (the gRPC client).
 
 `serve` is built from `add_serve_arguments` + `start_from_args`, so another front end
 (an HTTP port, a dashboard) can add its flags and reuse the same served model.
@@ -54,11 +54,12 @@ def is_loopback(host: str) -> bool:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a finished run's gated experts over gRPC (InferenceService)")
+    p = sub.add_parser("serve", help="serve a finished run's gated experts over gRPC and an OpenAI-compatible HTTP API")
     add_serve_arguments(p)
     from fedmoe.server.commands.dashboard import add_operator_flags
 
-    add_operator_flags(p, embedded=True)  # --http-port (dashboard), --operator-port, --dashboard-host, --dashboard-token
+    # --dashboard-port, --operator-port, --dashboard-host, --dashboard-token
+    add_operator_flags(p, embedded=True, http_flag="--dashboard-port")
     add_json_flag(p)
     p.set_defaults(func=cmd_serve)
 
@@ -84,10 +85,15 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--max-batch", type=int, default=16, help="most requests run as one batch (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to gather a batch (default 10 ms)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting at most; more get RESOURCE_EXHAUSTED (gRPC) or 429 (HTTP) (default 64)")
     add_token_arguments(p, "serve")
     p.add_argument("--tls-cert", default=None, help="certificate chain (PEM): serve TLS (needed off loopback)")
     p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="OpenAI-compatible HTTP API (/v1) on this port (0 = any free port; default: off)")
+    p.add_argument("--api-key-file", default=None,
+                   help="API keys for the HTTP API, one per line (default: $FEDMOE_API_KEY, else a new key printed once)")
 
 
 def start_from_args(args):
@@ -120,17 +126,59 @@ def start_from_args(args):
     return serving
 
 
+def http_api_keys(args) -> tuple[list[str], bool] | None:
+    """Check the HTTP API flags (before the model loads) and read its keys; None without
+    --http-port."""
+    from fedmoe.server.serving.openai_api import load_api_keys
+
+    if args.http_port is None:
+        if args.api_key_file:
+            raise FedmoeError("--api-key-file needs --http-port (the HTTP API is off without it)")
+        return None
+    if not 0 <= args.http_port <= 65535:
+        raise FedmoeError(f"--http-port must be between 0 and 65535, got {args.http_port}")
+    if args.max_queue < 1:
+        raise FedmoeError(f"--max-queue must be >= 1, got {args.max_queue}")
+    return load_api_keys(args.api_key_file)
+
+
+def start_http_api(args, serving, keys: tuple[list[str], bool] | None):
+    """The OpenAI-compatible API beside the gRPC server, over the same served model;
+    None without --http-port. A key made here is printed once, on stderr."""
+    from fedmoe.server.serving.openai_api import OpenAIServer
+
+    if keys is None:
+        return None
+    keys, generated = keys
+    api = OpenAIServer(serving.served, serving.default_gate, args.host, args.http_port, keys,
+                       max_batch=args.max_batch, max_queue=args.max_queue, max_wait_s=args.batch_wait_ms / 1000,
+                       tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+    if generated:
+        print(f"HTTP API key: {keys[0]}  (shown once; send 'Authorization: Bearer <key>', or set $FEDMOE_API_KEY)",
+              file=sys.stderr, flush=True)
+    return api
+
+
 def cmd_serve(args) -> int:
     from fedmoe.server.commands.dashboard import start_from_args as start_operator_endpoints
 
+    keys = http_api_keys(args)
     serving = start_from_args(args)
     served = serving.served
+    try:
+        api = start_http_api(args, serving, keys)
+    except BaseException:
+        serving.stop()
+        raise
     operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True))
     info = {"address": f"{serving.host}:{serving.port}", "port": serving.port, "run": args.run,
             "experts": served.experts, "gates": list(served.gates), "default_gate": serving.default_gate,
             "tls": bool(args.tls_cert)}
     if serving.token_generated:  # a token the operator gave is not echoed; a new one is shown once
         info["token"] = serving.token
+    if api is not None:
+        info["http"] = {"url": api.url, "port": api.port,
+                        "models": ["fedmoe"] + [f"expert/{e}" for e in served.experts]}
     if operator is not None:
         info["dashboard"] = operator.info()
     if args.json:
@@ -140,11 +188,15 @@ def cmd_serve(args) -> int:
               f"gates {', '.join(served.gates)} (default {serving.default_gate})")
         if serving.token_generated:
             print(f"serve token: {serving.token}  (shown once; fedmoe ask needs it: ${TOKEN_ENV} or --token-file)")
+        if api is not None:
+            print(f"OpenAI-compatible API: {api.url}  (models: {', '.join(info['http']['models'])})")
     sys.stdout.flush()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if api is not None:
+        api.stop()
     serving.stop()
     if operator is not None:
         operator.stop()

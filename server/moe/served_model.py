@@ -195,6 +195,18 @@ class ServedModel:
             results.append((self.tokenizer.decode(new, skip_special_tokens=True), weights[i]))
         return results
 
+    def expert_forward(self, names: list[str], **model_kwargs):
+        """One forward of the base model where row n runs through expert `names[n]` (or
+        `__base__`): a batch for one expert only sets it active (a plain single-LoRA
+        forward), a mixed one goes through peft's `adapter_names`. Holds the model lock
+        for this one forward, so a caller looping over decoding steps lets other users
+        of the model in between steps."""
+        with self._lock:
+            if len(set(names)) == 1:
+                with self._single_adapter(names[0]):
+                    return self.model(**model_kwargs)
+            return self.model(**model_kwargs, adapter_names=list(names))
+
     @contextlib.contextmanager
     def _single_adapter(self, adapter: str | None):
         if adapter is None or adapter == BASE:
