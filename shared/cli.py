@@ -56,6 +56,16 @@ def add_short_round_flags(p) -> None:
     p.add_argument("--max-retries", type=int, default=1, help="retry/fail: re-sends per round before giving up (default 1)")
 
 
+def add_schedule_flags(p) -> None:
+    """--lr-schedule, --eval-every: `fedmoe simulate` and `fedmoe coordinator start`."""
+    p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"],
+                   help="sites' learning rate across the whole federation: cosine = 10%% linear warm-up, then cosine "
+                        "decay over rounds x local steps (default); constant = --lr every step")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="sites evaluate each expert on their own eval split every k-th round, for the accuracy "
+                        "curves (default 1; 0: never)")
+
+
 def check_short_round_flags(args) -> None:
     if args.min_replies < 1:
         raise FedmoeError(f"--min-replies must be >= 1, got {args.min_replies}")

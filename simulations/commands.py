@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmoe.shared.cli import add_json_flag, add_short_round_flags, check_short_round_flags, print_json
+from fedmoe.shared.cli import add_json_flag, add_schedule_flags, add_short_round_flags, check_short_round_flags, print_json
 
 
 def register(sub) -> None:
@@ -64,6 +64,7 @@ def register(sub) -> None:
                    help="server-side optimizer on each expert's aggregate (default none: the aggregate is the expert)")
     s.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
     s.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (Adam's eps, default 1e-3)")
+    add_schedule_flags(s)
     add_short_round_flags(s)
     add_json_flag(s)
     s.set_defaults(func=cmd_simulate)
@@ -124,7 +125,8 @@ def cmd_simulate(args) -> int:
                           epsilon_budget=args.epsilon_budget, dp_delta=args.dp_delta, mia=not args.no_mia,
                           prox_mu=args.prox_mu, server_opt=args.server_opt, server_lr=args.server_lr,
                           server_tau=args.server_tau, min_replies=args.min_replies, short_round=args.short_round,
-                          max_retries=args.max_retries, overrides=preset_overrides(args))
+                          max_retries=args.max_retries, overrides=preset_overrides(args),
+                          lr_schedule=args.lr_schedule, eval_every=args.eval_every)
     if args.json:
         print_json(report)
     else:

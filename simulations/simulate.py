@@ -92,7 +92,7 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              privacy: str = "none", noise_multiplier: float = 1.0, clip: float = 1.0, epsilon_budget: float | None = None,
              dp_delta: float = 1e-5, mia: bool = True, moe: bool = True, prox_mu: float = 0.0, server_opt: str = "none",
              server_lr: float = 3e-3, server_tau: float = 1e-3, min_replies: int = 1, short_round: str = "proceed",
-             max_retries: int = 1, overrides: dict | None = None) -> dict:
+             max_retries: int = 1, overrides: dict | None = None, lr_schedule: str = "cosine", eval_every: int = 1) -> dict:
     """`overrides` replaces preset fields (presets.OVERRIDES: local_steps, lr, batch_size,
     ranks, quant, sites_per_domain, fraction, seed, model)."""
     import torch
@@ -116,7 +116,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
                               robust=robust, privacy=privacy, noise_multiplier=noise_multiplier, clip=clip,
                               dp_delta=dp_delta, epsilon_budget=epsilon_budget, prox_mu=prox_mu, server_opt=server_opt,
                               server_lr=server_lr, server_tau=server_tau, min_replies=min_replies,
-                              short_round=short_round, max_retries=max_retries)
+                              short_round=short_round, max_retries=max_retries, lr_schedule=lr_schedule,
+                              eval_every=eval_every)
     chaos_spec = chaos  # as given (simulate.json, so a resume normalizes it the same way)
     if chaos:
         from fedmoe.client.chaos import chaos_seed, format_chaos, parse_chaos

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from fedmoe.shared.cli import add_json_flag, add_short_round_flags, check_short_round_flags, print_json
+from fedmoe.shared.cli import add_json_flag, add_schedule_flags, add_short_round_flags, check_short_round_flags, print_json
 
 
 def register(sub) -> None:
@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--server-opt", default="none", choices=["none", "fedadam"], help="server-side optimizer on each expert")
     p.add_argument("--server-lr", type=float, default=3e-3, help="fedadam: server step size (default 3e-3)")
     p.add_argument("--server-tau", type=float, default=1e-3, help="fedadam: adaptivity tau (default 1e-3)")
+    add_schedule_flags(p)
     add_short_round_flags(p)
     p.add_argument("--model", help="base model directory (default: the built-in tiny model)")
     p.add_argument("--privacy", default="none", choices=["none", "ffa", "secagg"],
@@ -90,7 +91,7 @@ def cmd_coordinator_start(args) -> int:
                   "server-opt": args.server_opt, "server-lr": args.server_lr, "server-tau": args.server_tau,
                   "model-path": str(Path(args.model).resolve()) if args.model else "", "min-replies": args.min_replies,
                   "short-round": args.short_round, "max-retries": args.max_retries,
-                  "privacy": args.privacy, "clip": args.clip}
+                  "privacy": args.privacy, "clip": args.clip, "lr-schedule": args.lr_schedule, "eval-every": args.eval_every}
     if args.resume:
         run_config, args.out = stored_run_config(args.resume), args.resume
         args.rounds = int(run_config.get("rounds", args.rounds))

@@ -58,6 +58,8 @@ APP_CONFIG: dict = {
     "resume": False,
     "privacy": "none",
     "clip": 0.0,  # 0: the privacy mode's default (fedmoe.server.federation.privacy.DEFAULT_CLIP)
+    "lr-schedule": "cosine",  # constant | cosine over all rounds (StrategyConfig.lr_schedule)
+    "eval-every": 1,  # sites evaluate the experts every k-th round (0: never)
 }
 
 

@@ -68,7 +68,7 @@ def run_federation(grid: Grid, plan: FederationPlan, progress=log) -> dict:
     armed_faults()  # a mistyped FEDMOE_FAULT fails here, not in the middle of a round
     fingerprint = model_fingerprint(plan.model_dir)
     spec = adapter_spec_for(plan.model_dir)
-    strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint)
+    strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint, rounds=plan.rounds)
     store = RunStore(out)
     if not plan.resume:
         store.start_run(plan.preset, plan.strategy.seed, asdict(plan))
@@ -194,7 +194,8 @@ def plan_from_run_config(cfg) -> FederationPlan:
         server_opt=str(cfg.get("server-opt", "none")), server_lr=float(cfg.get("server-lr", 3e-3)),
         server_tau=float(cfg.get("server-tau", 1e-3)), min_replies=int(cfg.get("min-replies", 1)),
         short_round=str(cfg.get("short-round", "proceed")), max_retries=int(cfg.get("max-retries", 1)),
-        privacy=str(cfg.get("privacy", "none")),
+        privacy=str(cfg.get("privacy", "none")), lr_schedule=str(cfg.get("lr-schedule", "cosine")),
+        eval_every=int(cfg.get("eval-every", 1)),
         clip=default_clip(str(cfg.get("privacy", "none")), float(cfg.get("clip", 0.0)) or None))
     return FederationPlan(model_dir=str(cfg.get("model-path") or ensure_default_model()), out_dir=str(cfg.get("out", "runs/deployed")),
                           rounds=int(cfg.get("rounds", 3)), strategy=strategy, expected_nodes=int(cfg.get("expected-sites", 1)),

@@ -59,6 +59,9 @@ class StrategyConfig:
     min_replies: int = 1  # accepted replies an expert needs per round (at most the sites sampled for it)
     short_round: str = "proceed"  # proceed | retry | fail: what a round short of min_replies does at its deadline
     max_retries: int = 1  # retry | fail: re-sends to the missing sites before proceeding | failing
+    lr_schedule: str = "cosine"  # constant | cosine: warm-up + cosine over all rounds x local steps (sites apply it)
+    warmup: float = 0.1  # cosine: share of the federation's total local steps spent warming up
+    eval_every: int = 1  # sites evaluate each expert on their eval split every k-th round (0: never)
 
     def __post_init__(self):  # checked when the config is made, before any federation starts or file is written
         from fedmoe.server.federation.privacy import PrivacyConfig
@@ -79,6 +82,12 @@ class StrategyConfig:
                               f"--privacy {self.privacy}: use one or the other")
         if self.short_round not in SHORT_ROUND_POLICIES:
             raise FedmoeError(f"unknown short-round policy {self.short_round!r}: choose {', '.join(SHORT_ROUND_POLICIES)}")
+        from fedmoe.shared.training import LR_SCHEDULES
+
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FedmoeError(f"unknown lr schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.warmup < 1.0 or self.eval_every < 0:
+            raise FedmoeError(f"warmup must be in [0, 1) and eval-every >= 0, got {self.warmup} and {self.eval_every}")
         if self.min_replies < 1 or self.max_retries < 0:
             raise FedmoeError(f"min-replies must be >= 1 and max-retries >= 0, got {self.min_replies} and {self.max_retries}")
 
@@ -105,8 +114,9 @@ class RoundResult:
 
 
 class DomainExpertStrategy:
-    def __init__(self, cfg: StrategyConfig, spec: AdapterSpec, fingerprint: str):
+    def __init__(self, cfg: StrategyConfig, spec: AdapterSpec, fingerprint: str, rounds: int | None = None):
         self.cfg, self.spec, self.fingerprint = cfg, spec, fingerprint
+        self.rounds = rounds  # the federation's length, which the lr schedule spans (None: unknown, constant lr)
         self.nodes: dict[int, Node] = {}
         self.experts: dict[str, dict[str, LowRank]] = {}
         self._init: dict[int, LoraDelta] = {}
@@ -172,7 +182,15 @@ class DomainExpertStrategy:
         """What a site needs besides the adapter to train `expert` in round `rnd`."""
         return {"compression": self.cfg.compression, "expert": expert, "round": rnd, "steps": self.cfg.local_steps,
                 "batch-size": self.cfg.batch_size, "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
-                "prox-mu": self.cfg.prox_mu} | self.privacy_train_config()
+                "prox-mu": self.cfg.prox_mu} | self.schedule_train_config(rnd) | self.privacy_train_config()
+
+    def schedule_train_config(self, rnd: int) -> dict:
+        """Where round `rnd`'s local steps sit on the federation-wide lr schedule."""
+        if self.cfg.lr_schedule == "constant" or not self.rounds:
+            return {}
+        steps = self.cfg.local_steps
+        return {"lr-schedule": self.cfg.lr_schedule, "global-step": (rnd - 1) * steps,
+                "total-steps": self.rounds * steps, "warmup": self.cfg.warmup}
 
     def configure_train(self, rnd: int) -> list[tuple[str, Node, Message]]:
         out = []
