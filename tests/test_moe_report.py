@@ -32,6 +32,12 @@ def test_moe_methods_report_fields(tiny_model_dir, domain_adapters, suite_dir, t
         entry = methods[f"moe_{gate}"]
         assert 0.0 <= entry["routing_accuracy"] <= 1.0
         assert entry["latency_ratio"] > 0 and entry["latency"]["requests"] == 3
+    # Static merges say which λ (and density) validation chose, and on how many site eval records.
+    for m in METHODS:
+        if m.startswith("static_"):
+            assert methods[m]["params"]["lambda"] > 0 and methods[m]["validation_records"] > 0, m
+            assert ("density" in methods[m]["params"]) == ("ties" in m), m
+    assert methods["moe_smile"]["gate"]["site_requirements"].startswith("nothing")
     # The data-driven gates route well, and the best gate beats every static merge.
     assert methods["moe_prototype"]["routing_accuracy"] >= 0.9
     best_gate = max(methods[f"moe_{g}"]["mixed"] for g in ("arrow", "smile", "prototype", "learned"))
