@@ -149,7 +149,8 @@ def simulate(preset_name: str = "smoke", out: str = "runs/smoke", data_dir: str 
              "chaos": chaos_spec, "privacy": privacy, "noise_multiplier": noise_multiplier, "clip": clip,
              "epsilon_budget": epsilon_budget, "dp_delta": dp_delta, "mia": mia, "prox_mu": prox_mu,
              "server_opt": server_opt, "server_lr": server_lr, "server_tau": server_tau, "min_replies": min_replies,
-             "short_round": short_round, "max_retries": max_retries, "overrides": overrides or {}}, indent=2))
+             "short_round": short_round, "max_retries": max_retries, "overrides": overrides or {},
+             "lr_schedule": lr_schedule, "eval_every": eval_every}, indent=2))
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
     mixed = load_mixed_eval(suite)
