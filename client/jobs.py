@@ -8,7 +8,9 @@ def train_config(cfg):
     from fedmoe.shared.training import TrainConfig
 
     return TrainConfig(steps=int(cfg["steps"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
-                       seed=int(cfg["seed"]), prox_mu=float(cfg.get("prox-mu", 0.0)))
+                       seed=int(cfg["seed"]), prox_mu=float(cfg.get("prox-mu", 0.0)),
+                       schedule=str(cfg.get("lr-schedule", "constant")), global_step=int(cfg.get("global-step", 0)),
+                       total_steps=int(cfg.get("total-steps", 0)), warmup=float(cfg.get("warmup", 0.1)))
 
 
 def train_in_process(settings, arrays, cfg, chaos: dict | None = None):

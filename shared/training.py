@@ -32,6 +32,35 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     prox_mu: float = 0.0  # FedProx proximal term weight (0 = plain local SGD)
+    # The learning-rate schedule spans the whole federation, not one round: a round's
+    # local steps are steps global_step .. global_step + steps - 1 of total_steps
+    # (rounds x local steps), so every round continues the same warm-up + cosine curve.
+    schedule: str = "constant"  # constant | cosine (linear warm-up, then cosine to 0)
+    global_step: int = 0
+    total_steps: int = 0  # 0: this call's own steps
+    warmup: float = 0.1  # share of total_steps spent warming up (cosine only)
+
+    def __post_init__(self):
+        if self.schedule not in LR_SCHEDULES:
+            raise FedmoeError(f"unknown lr schedule {self.schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.warmup < 1.0 or self.global_step < 0 or self.total_steps < 0:
+            raise FedmoeError(f"lr schedule: warmup must be in [0, 1) and steps >= 0, got warmup={self.warmup}, "
+                              f"global_step={self.global_step}, total_steps={self.total_steps}")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(cfg: "TrainConfig", step: int) -> float:
+    """The learning rate of global step `step` (0-based) under `cfg`'s schedule."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    total = max(cfg.total_steps or (cfg.global_step + cfg.steps), 1)
+    warm = int(round(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -41,6 +70,7 @@ class TrainResult:
     examples: int
     tokens: int
     seconds: float
+    lrs: list[float] = field(default_factory=list)  # the learning rate of every step
 
     @property
     def final_loss(self) -> float:
@@ -148,8 +178,11 @@ def train_lora(model, tokenizer, records: list[Record], cfg: TrainConfig, progre
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     order: list[int] = []
-    losses, tokens, start = [], 0, time.perf_counter()
+    losses, lrs, tokens, start = [], [], 0, time.perf_counter()
     for step in range(cfg.steps):
+        lrs.append(lr_at(cfg, cfg.global_step + step))
+        for group in opt.param_groups:
+            group["lr"] = lrs[-1]
         if len(order) < cfg.batch_size:
             fresh = list(range(len(encoded)))
             rng.shuffle(fresh)
@@ -173,7 +206,7 @@ def train_lora(model, tokenizer, records: list[Record], cfg: TrainConfig, progre
         if progress is not None:
             progress(step + 1, losses[-1])
     model.eval()
-    return TrainResult(losses, cfg.steps, len(records), tokens, time.perf_counter() - start)
+    return TrainResult(losses, cfg.steps, len(records), tokens, time.perf_counter() - start, lrs)
 
 
 @torch.no_grad()

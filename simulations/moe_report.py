@@ -5,8 +5,9 @@ plays the sites' side of the data-driven gates in-process (each site computes it
 prototype message and its own router steps from its own records; the coordinator sees
 only what `fedmoe.client.prototype` / `fedmoe.client.router` return), evaluates
 
-    moe_arrow, moe_prototype, moe_learned            (top-1 routing, adapter_names)
-    static_linear, static_ties, static_dare_ties, static_svd
+    moe_arrow, moe_smile, moe_prototype, moe_learned (top-1 routing, adapter_names)
+    static_cat, static_svd, static_ties_svd, static_dare_ties_svd
+                                                 (λ, density tuned on the sites' eval records)
 
 on the mixed held-out set with `fedmoe.shared.training.evaluate`, and adds per gate
 `routing_accuracy` (share of mixed prompts whose top expert is their own domain's) and
@@ -28,8 +29,9 @@ from fedmoe.server.moe.gates import GATES, save_gate
 from fedmoe.server.moe.gates.arrow import ArrowGate
 from fedmoe.server.moe.gates.learned import LearnedGate, federated_router_rounds
 from fedmoe.server.moe.gates.prototype import PrototypeGate
+from fedmoe.server.moe.gates.smile import SmileGate
 from fedmoe.server.moe.served_model import ServedModel
-from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge
+from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge, default_params, tune_static_merge
 from fedmoe.shared.data import Record, Site
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.features import FeatureConfig, record_prompt
@@ -39,6 +41,17 @@ from fedmoe.shared.training import evaluate
 def _method_result(result) -> dict:
     return {"per_domain": {d: v["accuracy"] for d, v in result.per_domain.items()}, "mixed": result.accuracy,
             "loss": result.loss}
+
+
+def validation_split(sites: list[Site], per_site: int = 8) -> list[Record]:
+    """Validation data for tuning static merges: the first records of each site's own
+    eval split (never the mixed test set)."""
+    return [r for s in sites for r in s.eval[:per_site]]
+
+
+def _merge_score(served: ServedModel, name: str, records: list[Record]) -> tuple[float, float]:
+    r = evaluate(served.lm, served.tokenizer, records, forward_kwargs_fn=served.expert_kwargs_fn(name))
+    return (r.accuracy, -r.loss)  # accuracy first; loss breaks the ties small validation sets have
 
 
 def routing_accuracy(served: ServedModel, gate: str, records: list[Record]) -> tuple[float, dict[str, float]]:
@@ -87,6 +100,9 @@ def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tup
     if "arrow" in gates:
         served.add_gate("arrow", ArrowGate(served, seed=seed))
         info["arrow"] = {"data_used": 0}
+    if "smile" in gates:
+        served.add_gate("smile", SmileGate(served))
+        info["smile"] = {"data_used": 0}
     if "prototype" in gates:
         say("prototype gate: sites compute their DP-noised prototypes")
         messages = []
@@ -138,11 +154,14 @@ def moe_methods(model_dir: str | Path, experts: dict[str, Path], mixed_eval: lis
         methods["experts_oracle"] = _method_result(oracle)
     # Static merges first, and removed again: the arrow router treats every adapter
     # on the model as an expert.
+    validation = validation_split(sites)
     for method in static_merges:
-        say(f"static merge {method}")
-        name = add_static_merge(served.model, served.experts, method, seed=seed)
+        say(f"static merge {method}: tuning on {len(validation)} site eval records")
+        params = tune_static_merge(served, method, validation, lambda name, recs: _merge_score(served, name, recs), seed=seed)[0] \
+            if validation else default_params(method, len(served.experts))
+        name = add_static_merge(served.model, served.experts, method, params=params, seed=seed)
         result = evaluate(served.lm, served.tokenizer, mixed_eval, forward_kwargs_fn=served.expert_kwargs_fn(name))
-        methods[f"static_{method}"] = _method_result(result)
+        methods[f"static_{method}"] = _method_result(result) | {"params": params, "validation_records": len(validation)}
         served.model.delete_adapter(name)
     info = build_gates(served, sites, seed, gates, progress=progress, **gate_options)
     prompts = [record_prompt(r) for r in mixed_eval][:latency_requests]
@@ -154,7 +173,7 @@ def moe_methods(model_dir: str | Path, experts: dict[str, Path], mixed_eval: lis
         if latency_requests:
             lat = measure_latency(served, gate, prompts, latency_new_tokens)
             entry |= {"latency_ratio": lat["latency_ratio"], "latency": lat}
-        entry["gate"] = info.get(gate, {})
+        entry["gate"] = info.get(gate, {}) | {"site_requirements": GATES[gate].site_requirements}
         methods[f"moe_{gate}"] = entry
         if gate_dir is not None:
             save_gate(served.gates[gate], gate_dir)

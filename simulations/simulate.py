@@ -19,6 +19,17 @@ from fedmoe.simulations.presets import PRESETS, SimPreset, with_overrides
 METHOD_ORDER = ("base", "local_only", "fedavg_single", "experts_oracle", "centralized")
 
 
+def run_curves(out_dir: Path) -> dict:
+    from fedmoe.server.federation.evaluation import eval_curves
+    from fedmoe.server.federation.run_store import RunStore
+
+    store = RunStore(out_dir, readonly=True)
+    try:
+        return eval_curves(store)
+    finally:
+        store.close()
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -256,6 +267,7 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
         with stages("privacy report"):
             report |= privacy_report.sections(out_dir, model_dir, sites, rounds, preset.seed, baselines, robust, chaos, plan,
                                               results, experts if mia else {})
+        report["curves"] = run_curves(out_dir)  # per-round site evaluation (fedmoe.server.federation.evaluation)
         report["wall_seconds"] = time.perf_counter() - wall
         write_report(out_dir, report)
         return report

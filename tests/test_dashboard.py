@@ -103,9 +103,11 @@ def test_refused_without_token(browser, run_dir, tmp_path):
 
 def test_finished_run_shows_its_data(browser, run_dir, tmp_path):
     store = RunStore(run_dir, readonly=True)
-    loss = {}
+    loss, eval_acc = {}, {}
     for m in store.metrics("train_loss"):
         loss.setdefault(m["expert"], []).append((m["round"], m["value"]))
+    for m in store.metrics("eval_accuracy"):
+        eval_acc.setdefault(m["expert"], []).append((m["round"], m["value"]))
     sites = store.sites()
     rounds = store.last_committed_round()
     store.close()
@@ -122,13 +124,19 @@ def test_finished_run_shows_its_data(browser, run_dir, tmp_path):
         drawn = {t["name"]: list(zip(t["x"], t["y"])) for t in traces(browser, "chart-loss")}
         assert drawn == {e: [tuple(p) for p in pts] for e, pts in loss.items()}
 
-        # accuracy: report.json's final per-domain accuracies (no per-round accuracy recorded)
-        acc = {t["name"]: dict(zip(t["x"], t["y"])) for t in traces(browser, "chart-accuracy")}
+        # accuracy: per round, one curve per expert holding the sites' evaluation from the run
+        # store; below it, report.json's final per-domain accuracies
+        assert eval_acc and all(len(pts) == rounds for pts in eval_acc.values())
+        curves = {t["name"]: list(zip(t["x"], t["y"])) for t in traces(browser, "chart-accuracy")}
+        assert curves == {e: [tuple(p) for p in pts] for e, pts in eval_acc.items()}
+        assert {e: [(p["round"], p["accuracy"]) for p in c] for e, c in report["curves"].items()} == curves
+        acc = {t["name"]: dict(zip(t["x"], t["y"])) for t in traces(browser, "chart-final")}
         for method, v in report["methods"].items():
             assert acc[method]["mixed"] == pytest.approx(v["mixed"])
             for domain, a in v["per_domain"].items():
                 assert acc[method][domain] == pytest.approx(a)
-        assert "not recorded" in browser.find_element("id", "accuracy-note").text
+        note = browser.find_element("id", "accuracy-note").text
+        assert "not recorded" not in note and "per round" in note
 
         # sites table: one row per site, with its domain, rank and rounds joined
         # read the rendered rows in one script call: live nodes read one by one can be

@@ -130,32 +130,104 @@ def test_gated_generation_answers_like_the_routed_expert(served, mixed):
     assert text == single
 
 
-def test_static_merges_are_peft_weighted_adapters(served, mixed):
-    from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge
+def _delta_weights(model, name):
+    from peft.tuners.lora import LoraLayer
+
+    return {k: m.get_delta_weight(name).detach() for k, m in model.named_modules()
+            if isinstance(m, LoraLayer) and name in m.lora_A}
+
+
+def test_static_merges_are_exact_sums_and_ties_on_delta_w(served, mixed):
+    """cat (and full-rank svd) is exactly Σ λ ΔW_k on real LoRA adapters; TIES/DARE
+    work on ΔW and run; every merge evaluates."""
+    from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge, merged_rank
     from fedmoe.shared.training import evaluate
 
-    assert set(STATIC_MERGES) == {"linear", "ties", "dare_ties", "svd"}
+    assert set(STATIC_MERGES) == {"cat", "svd", "ties_svd", "dare_ties_svd"}
+    lam = 0.7
+    experts = {e: _delta_weights(served.model, e) for e in served.experts}
+    expected = {k: sum(lam * experts[e][k] for e in served.experts) for k in experts[served.experts[0]]}
     for method in STATIC_MERGES:
-        name = add_static_merge(served.model, served.experts, method)
+        name = add_static_merge(served.model, served.experts, method, params={"lambda": lam, "density": 0.5})
         try:
-            assert name in served.model.peft_config
+            assert served.model.peft_config[name].r == merged_rank(served.model, served.experts)
+            got = _delta_weights(served.model, name)
+            assert set(got) == set(expected)
+            if method in ("cat", "svd"):
+                for k in expected:
+                    assert torch.allclose(got[k], expected[k], atol=1e-5), (method, k, float((got[k] - expected[k]).abs().max()))
+            else:  # TIES keeps at most `density` of each ΔW_k and never exceeds the λ-scaled sum's magnitude by much
+                assert all(torch.isfinite(v).all() for v in got.values())
+                assert any(not torch.allclose(got[k], expected[k], atol=1e-5) for k in expected)
             result = evaluate(served.lm, served.tokenizer, mixed[:16], forward_kwargs_fn=served.expert_kwargs_fn(name))
             assert 0.0 <= result.accuracy <= 1.0
         finally:
             served.model.delete_adapter(name)
     with pytest.raises(FedmoeError, match="unknown static merge"):
-        add_static_merge(served.model, served.experts, "average")
+        add_static_merge(served.model, served.experts, "linear")
+    with pytest.raises(FedmoeError, match="density must be in"):
+        add_static_merge(served.model, served.experts, "ties_svd", params={"density": 1.5})
+
+
+def test_static_merge_tuning_sees_only_the_validation_records(served, sites, mixed):
+    from fedmoe.server.moe.static_merge import param_grid, tune_static_merge
+    from fedmoe.simulations.moe_report import validation_split
+
+    validation = validation_split(sites, per_site=2)
+    site_eval = [r for s in sites for r in s.eval]
+    assert validation and all(any(r is x for x in site_eval) for r in validation)
+    seen, adapters = [], []
+
+    def score(adapter, records):
+        seen.append(list(records))
+        adapters.append(adapter)
+        w = served.model.peft_config[adapter]  # the merge under test is on the model
+        assert w.r > 0
+        return -abs(len(adapters) - 3)  # a made-up score, best at the third grid point
+
+    params, best = tune_static_merge(served, "ties_svd", validation, score)
+    grid = param_grid("ties_svd", len(served.experts))
+    assert len(seen) == len(grid) and params == grid[2] and best == 0
+    assert all(records == validation for records in seen)
+    assert not any(r is m for rs in seen for r in rs for m in mixed)  # never a mixed test record
+    assert all(a not in served.model.peft_config for a in adapters)  # tuning leaves no adapter behind
+    lams = sorted({p["lambda"] for p in param_grid("cat", len(served.experts))})
+    assert lams == pytest.approx([c / len(served.experts) for c in (0.5, 1.0, 1.5, 2.0)])
+    with pytest.raises(FedmoeError, match="no validation records"):
+        tune_static_merge(served, "cat", [], score)
+
+
+def test_smile_gate_routes_zero_shot_above_chance(served, mixed):
+    from fedmoe.server.moe.gates import GATES
+    from fedmoe.server.moe.gates.smile import SmileGate, right_subspace
+    from fedmoe.simulations.moe_report import routing_accuracy
+
+    assert GATES["smile"] is SmileGate and SmileGate.needs_data is False
+    assert served.build_info["smile"] == {"data_used": 0}
+    # V_k from the factors equals the top-k right singular vectors of the full B A.
+    layer, e = served.gates["smile"].layers[0], served.experts[0]
+    a, b = layer.lora_A[e].weight.detach(), layer.lora_B[e].weight.detach()
+    v = right_subspace(a, b, 4)
+    vh = torch.linalg.svd((b @ a).double())[2][:4].float()
+    assert torch.allclose(v @ v.T, vh.T @ vh, atol=1e-5)
+    acc, per_domain = routing_accuracy(served, "smile", mixed)
+    assert acc > 1.0 / len(served.experts), (acc, per_domain)
+    w = served.route([r.prompt for r in mixed[:4]], "smile")
+    assert torch.allclose(w.sum(1), torch.ones(4), atol=1e-5)
+    for name, cls in GATES.items():
+        assert isinstance(cls.site_requirements, str) and cls.site_requirements, name
+    assert GATES["arrow"].site_requirements.startswith("nothing") and GATES["smile"].site_requirements.startswith("nothing")
 
 
 def test_gate_state_round_trips_and_bad_requests_are_clear(served, mixed, tmp_path):
     from fedmoe.server.moe.gates import available_gates, load_gate, save_gate
 
-    for name in ("prototype", "learned"):
+    for name in ("prototype", "learned", "smile"):
         save_gate(served.gates[name], tmp_path)
         again = load_gate(served, name, tmp_path)
         prompts = [r.prompt for r in mixed[:8]]
         assert torch.allclose(again.route(prompts), served.gates[name].route(prompts), atol=1e-6)
-    assert set(available_gates(tmp_path)) == {"arrow", "prototype", "learned"}
+    assert set(available_gates(tmp_path)) == {"arrow", "prototype", "learned", "smile"}
     with pytest.raises(FedmoeError, match="unknown gate 'oracle'"):
         served.route(["x"], "oracle")
     with pytest.raises(FedmoeError, match="empty prompt"):

@@ -9,7 +9,8 @@ import pytest
 
 from fedmoe.shared.errors import FedmoeError
 
-METHODS = ("moe_arrow", "moe_prototype", "moe_learned", "static_linear", "static_ties", "static_dare_ties", "static_svd")
+METHODS = ("moe_arrow", "moe_smile", "moe_prototype", "moe_learned", "static_cat", "static_svd", "static_ties_svd",
+           "static_dare_ties_svd")
 
 
 def test_moe_methods_report_fields(tiny_model_dir, domain_adapters, suite_dir, tmp_path):
@@ -27,18 +28,24 @@ def test_moe_methods_report_fields(tiny_model_dir, domain_adapters, suite_dir, t
         assert sorted(entry["per_domain"]) == domains, name
         assert 0.0 <= entry["mixed"] <= 1.0
         assert all(0.0 <= v <= 1.0 for v in entry["per_domain"].values())
-    for gate in ("arrow", "prototype", "learned"):
+    for gate in ("arrow", "smile", "prototype", "learned"):
         entry = methods[f"moe_{gate}"]
         assert 0.0 <= entry["routing_accuracy"] <= 1.0
         assert entry["latency_ratio"] > 0 and entry["latency"]["requests"] == 3
+    # Static merges say which λ (and density) validation chose, and on how many site eval records.
+    for m in METHODS:
+        if m.startswith("static_"):
+            assert methods[m]["params"]["lambda"] > 0 and methods[m]["validation_records"] > 0, m
+            assert ("density" in methods[m]["params"]) == ("ties" in m), m
+    assert methods["moe_smile"]["gate"]["site_requirements"].startswith("nothing")
     # The data-driven gates route well, and the best gate beats every static merge.
     assert methods["moe_prototype"]["routing_accuracy"] >= 0.9
-    best_gate = max(methods[f"moe_{g}"]["mixed"] for g in ("arrow", "prototype", "learned"))
+    best_gate = max(methods[f"moe_{g}"]["mixed"] for g in ("arrow", "smile", "prototype", "learned"))
     assert best_gate > max(methods[m]["mixed"] for m in METHODS if m.startswith("static_"))
     assert best_gate >= 0.9 * methods["experts_oracle"]["mixed"]
     json.dumps(methods)  # report.json-ready
     saved = sorted(p.name for p in (tmp_path / "gates").iterdir())
-    assert saved == ["arrow.safetensors", "features.json", "learned.safetensors", "prototype.safetensors"]
+    assert saved == ["arrow.safetensors", "features.json", "learned.safetensors", "prototype.safetensors", "smile.safetensors"]
 
 
 def test_moe_methods_refuses_a_domain_without_expert(tiny_model_dir, domain_adapters, suite_dir):

@@ -58,6 +58,12 @@ class StrategyConfig:
     max_retries: int = option(1, help="retry/fail: re-sends per round before giving up")
     max_rank: int = option(64, help="the largest LoRA rank a site may announce (its adapter is aggregated at that rank)")
     max_examples: int = option(10_000_000, help="the most examples a site may claim (bounds its aggregation weight)")
+    lr_schedule: str = option("cosine", choices=("constant", "cosine"),
+                              help="sites' learning rate across the whole federation: cosine = linear warm-up, then "
+                                   "cosine decay over rounds x local steps; constant = --lr every step")
+    warmup: float = option(0.1, help="cosine: share of the federation's local steps spent warming up")
+    eval_every: int = option(1, help="sites evaluate each expert on their own eval split every k-th round, for the "
+                                     "accuracy curves (0: never)")
 
     @property
     def site_clip(self) -> float:
@@ -87,6 +93,12 @@ class StrategyConfig:
                               f"--privacy {self.privacy}: use one or the other")
         if self.short_round not in SHORT_ROUND_POLICIES:
             raise FedmoeError(f"unknown short-round policy {self.short_round!r}: choose {', '.join(SHORT_ROUND_POLICIES)}")
+        from fedmoe.shared.training import LR_SCHEDULES
+
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FedmoeError(f"unknown lr schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.warmup < 1.0 or self.eval_every < 0:
+            raise FedmoeError(f"warmup must be in [0, 1) and eval-every >= 0, got {self.warmup} and {self.eval_every}")
         if self.min_replies < 1 or self.max_retries < 0:
             raise FedmoeError(f"min-replies must be >= 1 and max-retries >= 0, got {self.min_replies} and {self.max_retries}")
         if self.max_rank < 1 or self.max_examples < 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedmoe.server.federation.evaluation import eval_round_due, evaluate_round
 from fedmoe.server.federation.experts import save_expert
 from fedmoe.server.federation.faults import armed_faults
 from fedmoe.server.federation.run_store import RunStore
@@ -74,7 +75,7 @@ def _run_federation(grid: Grid, plan: FederationPlan, progress, opened) -> dict:
     armed_faults()  # a mistyped FEDMOE_FAULT fails here, not in the middle of a round
     fingerprint = model_fingerprint(plan.model_dir)
     spec = adapter_spec_for(plan.model_dir)
-    strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint)
+    strategy = DomainExpertStrategy(plan.strategy, spec, fingerprint, rounds=plan.rounds)
     store = opened(RunStore(out))
     if not plan.resume:
         store.start_run(plan.preset, plan.strategy.seed, asdict(plan))
@@ -125,6 +126,9 @@ def _run_federation(grid: Grid, plan: FederationPlan, progress, opened) -> dict:
                 store.finish_run("failed")
                 raise
             result = strategy.aggregate_train(rnd, sent, replies, resends)
+        if eval_round_due(rnd, plan.rounds, plan.strategy.eval_every):  # committed with the round, below
+            for expert, m in evaluate_round(grid, strategy, rnd, send_round, progress).items():
+                result.metrics.setdefault(expert, {}).update(m)
         store.commit_round(rnd, result.participation, result.metrics, result.rejections,
                            {e: strategy.expert_delta(e) for e in strategy.experts})
         for p in result.participation:
@@ -133,7 +137,8 @@ def _run_federation(grid: Grid, plan: FederationPlan, progress, opened) -> dict:
         for expert, m in result.metrics.items():
             nbytes = sum(p.get("bytes_in", 0) + p.get("bytes_out", 0) for p in result.participation if p["expert"] == expert)
             progress(f"round {rnd}/{plan.rounds}  {expert:<10} loss {m.get('train_loss', float('nan')):.3f}  "
-                     f"sites ok {int(m.get('sites_ok', 0))} failed {int(m.get('sites_failed', 0))}  {nbytes / 1e6:.2f} MB"
+                     + (f"eval acc {m['eval_accuracy']:.3f}  " if "eval_accuracy" in m else "")
+                     + f"sites ok {int(m.get('sites_ok', 0))} failed {int(m.get('sites_failed', 0))}  {nbytes / 1e6:.2f} MB"
                      + (f"  re-sent {int(m['resends'])}" if m.get("resends") else "")
                      + ("  short round: aggregated what arrived" if m.get("short_round") else ""))
         for r in result.rejections:

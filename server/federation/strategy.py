@@ -98,8 +98,9 @@ class RoundResult:
 
 
 class DomainExpertStrategy:
-    def __init__(self, cfg: StrategyConfig, spec: AdapterSpec, fingerprint: str):
+    def __init__(self, cfg: StrategyConfig, spec: AdapterSpec, fingerprint: str, rounds: int | None = None):
         self.cfg, self.spec, self.fingerprint = cfg, spec, fingerprint
+        self.rounds = rounds  # the federation's length, which the lr schedule spans (None: unknown, constant lr)
         self.nodes: dict[int, Node] = {}
         self.experts: dict[str, dict[str, LowRank]] = {}
         self._init: dict[int, LoraDelta] = {}
@@ -165,7 +166,15 @@ class DomainExpertStrategy:
         """What a site needs besides the adapter to train `expert` in round `rnd`."""
         return {"compression": self.cfg.compression, "expert": expert, "round": rnd, "steps": self.cfg.local_steps,
                 "batch-size": self.cfg.batch_size, "lr": self.cfg.lr, "seed": self.train_seed(rnd, node),
-                "prox-mu": self.cfg.prox_mu} | self.privacy_train_config()
+                "prox-mu": self.cfg.prox_mu} | self.schedule_train_config(rnd) | self.privacy_train_config()
+
+    def schedule_train_config(self, rnd: int) -> dict:
+        """Where round `rnd`'s local steps sit on the federation-wide lr schedule."""
+        if self.cfg.lr_schedule == "constant" or not self.rounds:
+            return {}
+        steps = self.cfg.local_steps
+        return {"lr-schedule": self.cfg.lr_schedule, "global-step": (rnd - 1) * steps,
+                "total-steps": self.rounds * steps, "warmup": self.cfg.warmup}
 
     def configure_train(self, rnd: int) -> list[tuple[str, Node, Message]]:
         out = []

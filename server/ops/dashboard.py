@@ -282,9 +282,12 @@ class RunView:
         report = self.report() or {}
         final = {m: v.get("per_domain", {}) | {"mixed": v.get("mixed")} for m, v in (report.get("methods") or {}).items()
                  if isinstance(v, dict)}
-        return {"per_round": per_round or None, "final": final or None,
-                "note": None if per_round else ("per-round accuracy is not recorded in the run store; "
-                                                + ("final accuracies from report.json" if final else "no report.json yet"))}
+        if per_round:
+            note = ("per round: each expert on its sites' eval splits (example-weighted)"
+                    + ("; below, final accuracies from report.json" if final else ""))
+        else:
+            note = "per-round accuracy is not recorded in the run store; " + ("final accuracies from report.json" if final else "no report.json yet")
+        return {"per_round": per_round or None, "final": final or None, "note": note}
 
     def privacy(self) -> dict:
         series = self.series(PRIVACY_METRICS)

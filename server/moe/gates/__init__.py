@@ -2,7 +2,9 @@
 
 One module per gate, one registry line each. A gate class has `name`, `experts` (the
 expert names, in the served model's order), `route(prompts) -> [n, K]` probabilities,
-`state() -> (tensors, meta)` for saving, and `from_state(served, tensors, meta)`.
+`state() -> (tensors, meta)` for saving, `from_state(served, tensors, meta)`, `needs_data`
+(whether it can be built without the sites) and `site_requirements` (what it needs from
+the sites, in words, for the report).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from safetensors.torch import load_file, save_file
 from fedmoe.server.moe.gates.arrow import ArrowGate
 from fedmoe.server.moe.gates.learned import LearnedGate
 from fedmoe.server.moe.gates.prototype import PrototypeGate
+from fedmoe.server.moe.gates.smile import SmileGate
 from fedmoe.shared.errors import FedmoeError
 
 GATES = {
     "arrow": ArrowGate,
     "prototype": PrototypeGate,
     "learned": LearnedGate,
+    "smile": SmileGate,
 }
 
 

@@ -30,6 +30,7 @@ ROUTER = "arrow_router"
 class ArrowGate:
     name = "arrow"
     needs_data = False
+    site_requirements = "nothing: routes from the experts' own weights (their ΔW's top right singular vectors)"
 
     def __init__(self, served, top_k: int = 1, temperature: float = 1.0, blocks: int = 1, seed: int = 0):
         from peft import ArrowConfig, LoraConfig

@@ -53,6 +53,7 @@ def federated_router_rounds(dim: int, experts: int, sites: list[SiteStep], round
 class LearnedGate:
     name = "learned"
     needs_data = True
+    site_requirements = "federated router rounds: each round every site trains the router on its records, experts frozen"
 
     def __init__(self, served, router_state: dict[str, torch.Tensor], temperature: float = 1.0):
         self.served, self.experts = served, list(served.experts)

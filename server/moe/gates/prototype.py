@@ -19,6 +19,7 @@ from fedmoe.shared.features import FeatureConfig
 class PrototypeGate:
     name = "prototype"
     needs_data = True
+    site_requirements = "one DP-noised mean routing feature (prototype) of its training prompts per site, once"
 
     def __init__(self, served, prototypes: torch.Tensor, temperature: float = 0.05):
         if prototypes.shape[0] != len(served.experts):

@@ -111,23 +111,32 @@
     Plotly.react("chart-loss", lineTraces(loss), { ...BASE_LAYOUT, xaxis: roundAxis(), yaxis: { title: { text: "site train loss" } } }, PLOT_CONFIG);
   }
 
+  function drawFinalBars(id, final) {
+    const methods = Object.keys(final);
+    const domains = [...new Set(methods.flatMap((m) => Object.keys(final[m])))].filter((d) => d !== "mixed").sort();
+    domains.push("mixed");
+    const traces = methods.map((m, i) => ({
+      name: m, type: "bar", x: domains, y: domains.map((d) => final[m][d] ?? null), marker: { color: COLORS[i % COLORS.length] },
+    }));
+    Plotly.react(id, traces, { ...BASE_LAYOUT, barmode: "group", yaxis: { title: { text: "exact-match accuracy" }, range: [0, 1] } }, PLOT_CONFIG);
+  }
+
   function drawAccuracy(acc) {
+    // Per-round curves (the sites' evaluation of each expert) when the run store has them;
+    // the final report's bars beside them (or alone, for a run without per-round evaluation).
     $("accuracy-note").textContent = acc.note || "";
-    show("chart-accuracy", true);
     if (acc.per_round) {
+      show("chart-accuracy", true);
       Plotly.react("chart-accuracy", lineTraces(acc.per_round),
-        { ...BASE_LAYOUT, xaxis: roundAxis(), yaxis: { title: { text: "accuracy" }, range: [0, 1] } }, PLOT_CONFIG);
-    } else if (acc.final) {
-      const methods = Object.keys(acc.final);
-      const domains = [...new Set(methods.flatMap((m) => Object.keys(acc.final[m])))].filter((d) => d !== "mixed").sort();
-      domains.push("mixed");
-      const traces = methods.map((m, i) => ({
-        name: m, type: "bar", x: domains, y: domains.map((d) => acc.final[m][d] ?? null), marker: { color: COLORS[i % COLORS.length] },
-      }));
-      Plotly.react("chart-accuracy", traces, { ...BASE_LAYOUT, barmode: "group", yaxis: { title: { text: "exact-match accuracy" }, range: [0, 1] } }, PLOT_CONFIG);
+        { ...BASE_LAYOUT, xaxis: roundAxis(), yaxis: { title: { text: "site eval accuracy" }, range: [0, 1] } }, PLOT_CONFIG);
+      show("chart-final", Boolean(acc.final));
+      if (acc.final) drawFinalBars("chart-final", acc.final); else Plotly.purge("chart-final");
+    } else {
+      show("chart-final", false);
+      Plotly.purge("chart-final");
+      show("chart-accuracy", Boolean(acc.final));
+      if (acc.final) drawFinalBars("chart-accuracy", acc.final); else Plotly.purge("chart-accuracy");
     }
-    show("chart-accuracy", Boolean(acc.per_round || acc.final));
-    if (!acc.per_round && !acc.final) Plotly.purge("chart-accuracy");
   }
 
   function drawSites(sites) {

@@ -1,0 +1,60 @@
+"""Federated evaluation: each round's experts scored by the sites on their own eval splits.
+
+After a round is aggregated, every expert's sites get an EVALUATE message carrying the
+expert (sliced to the site's rank, as in TRAIN); each site scores it on its `eval.jsonl`
+and replies with `num-examples`, `eval-accuracy` and `eval-loss` only (nothing else
+leaves the site). The coordinator takes the example-weighted mean per expert; the
+numbers go into the round's metrics (`eval_accuracy`, `eval_loss`, `eval_examples`),
+committed with the round, which the dashboard's accuracy curves and report.json's
+`curves` read. A site that fails to evaluate is left out of that round's mean: the
+round itself never fails for it.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Message, RecordDict
+
+from fedmoe.shared import compression
+
+
+def eval_round_due(rnd: int, rounds: int, every: int) -> bool:
+    """Every `every`-th round, and always the last one (so the curve ends at the final experts)."""
+    return every > 0 and (rnd % every == 0 or rnd == rounds)
+
+
+def evaluate_round(grid, strategy, rnd: int, send_round, progress=None) -> dict[str, dict[str, float]]:
+    """{expert: {"eval_accuracy", "eval_loss", "eval_examples"}} from the sites' replies."""
+    sent = []
+    for expert, nodes in strategy.groups().items():
+        for node in nodes:
+            arrays, meta, _ = compression.encode(strategy.expert_for_rank(expert, node.rank), "none")
+            meta["expert"], meta["round"] = expert, rnd
+            msg = Message(RecordDict({"arrays": arrays, "config": meta}), dst_node_id=node.node_id, message_type="evaluate")
+            sent.append((expert, node, msg))
+    if not sent:
+        return {}
+    sums: dict[str, list[float]] = {}
+    for (expert, node, _), reply in zip(sent, send_round(grid, sent, strategy.cfg.round_timeout)):
+        if reply is None or reply.has_error():
+            if progress:
+                progress(f"round {rnd}: site {node.site} did not evaluate {expert}"
+                         + (f" ({reply.error.reason[:200]})" if reply is not None else " (no reply)"))
+            continue
+        m = reply.content["metrics"]
+        n = int(m.get("num-examples", 0))
+        acc, loss = float(m.get("eval-accuracy", float("nan"))), float(m.get("eval-loss", float("nan")))
+        if n <= 0 or not 0.0 <= acc <= 1.0 or loss != loss:  # a site without eval data, or a malformed reply
+            continue
+        s = sums.setdefault(expert, [0.0, 0.0, 0.0])
+        s[0], s[1], s[2] = s[0] + n * acc, s[1] + n * loss, s[2] + n
+    return {e: {"eval_accuracy": a / n, "eval_loss": l / n, "eval_examples": n} for e, (a, l, n) in sums.items()}
+
+
+def eval_curves(store) -> dict[str, list[dict]]:
+    """report.json's `curves`: {expert: [{"round", "accuracy", "loss"}]} from the run store."""
+    loss = {(m["round"], m["expert"]): m["value"] for m in store.metrics("eval_loss")}
+    out: dict[str, list[dict]] = {}
+    for m in store.metrics("eval_accuracy"):
+        out.setdefault(m["expert"], []).append({"round": m["round"], "accuracy": m["value"],
+                                                "loss": loss.get((m["round"], m["expert"]))})
+    return out

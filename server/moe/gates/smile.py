@@ -1,0 +1,91 @@
+"""`SmileGate`: zero-shot routing by each expert's dominant input subspace (SMILE).
+
+SMILE (Tang et al. 2024, "SMILE: Zero-Shot Sparse Mixture of Low-Rank Experts
+Construction From Pre-Trained Foundation Models") observes that a fine-tuned update
+ΔW = B A acts only on inputs in its right singular subspace: an input x the expert was
+tuned for has a large component ‖V_kᵀ x‖ in the top-k right singular vectors V_k of
+that expert's ΔW. So, per LoRA layer of the first `blocks` decoder blocks, each
+expert gets V_k (k = `subspace_rank`, small), a prompt's layer inputs (the base model's
+hidden states entering that layer) are projected on every expert's V_k, and the
+expert whose subspace holds the largest share of x's energy wins:
+
+    score_e = mean over layers and prompt tokens of ‖V_k,eᵀ x‖² / ‖x‖²,
+    p = softmax(score / temperature), top-1 like Arrow.
+
+The share (not the raw norm) makes the temperature independent of the hidden states'
+scale. V_k comes from the factors alone: with A ᵀ = Q_a R_a and B = Q_b R_b,
+ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the r × r core gives V = Q_a V_core; no
+out × in matrix is ever formed. Like Arrow it reads no data: only the adapters'
+weights and the request.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.features import decoder_layers, hidden_states_at
+
+
+def right_subspace(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors [in, k] of B A (a: [r, in], b: [out, r]), from the factors."""
+    q_a, r_a = torch.linalg.qr(a.double().T)  # [in, r], [r, r]
+    _, r_b = torch.linalg.qr(b.double())  # [r, r]
+    _, _, vh = torch.linalg.svd(r_b @ r_a.T)
+    return (q_a @ vh[: min(k, vh.shape[0])].T).float()
+
+
+class SmileGate:
+    name = "smile"
+    needs_data = False
+    site_requirements = "nothing: routes from the experts' own weights (their ΔW's top right singular subspaces)"
+
+    def __init__(self, served, subspace_rank: int = 4, temperature: float = 0.02, blocks: int = 1):
+        from peft.tuners.lora import LoraLayer
+
+        if subspace_rank < 1 or temperature <= 0 or blocks < 1:
+            raise FedmoeError(f"smile gate: subspace_rank and blocks must be >= 1 and temperature > 0, "
+                              f"got {subspace_rank}, {blocks}, {temperature}")
+        self.served, self.experts = served, list(served.experts)
+        self.subspace_rank, self.temperature, self.blocks = int(subspace_rank), float(temperature), int(blocks)
+        model_blocks = list(decoder_layers(served.model))
+        self.layers, self.subspaces = [], []
+        for block in model_blocks[: min(self.blocks, len(model_blocks))]:
+            for module in block.modules():
+                if isinstance(module, LoraLayer) and all(e in module.lora_A for e in self.experts):
+                    self.layers.append(module)
+                    self.subspaces.append(torch.stack([
+                        right_subspace(module.lora_A[e].weight.detach(), module.lora_B[e].weight.detach(), self.subspace_rank)
+                        for e in self.experts]))  # [K, in, k]
+        if not self.layers:
+            raise FedmoeError("smile gate: no LoRA layers holding every expert in the first decoder blocks")
+
+    @torch.no_grad()
+    def route(self, prompts: list[str]) -> torch.Tensor:
+        served = self.served
+        ids, mask = served.featurizer.tokenize(prompts)
+        ids, mask = ids.to(served.device), mask.to(served.device)
+        captured: dict[int, torch.Tensor] = {}
+        handles = [m.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0]))
+                   for i, m in enumerate(self.layers)]
+        try:
+            hidden_states_at(served.model, ids, mask, self.blocks)  # base forward through the routed blocks
+        finally:
+            for h in handles:
+                h.remove()
+        m = mask.unsqueeze(-1).float()  # [n, t, 1]
+        total = torch.zeros(len(prompts), len(self.experts), device=served.device)
+        for i, v in enumerate(self.subspaces):
+            x = captured[i].float()  # [n, t, in]
+            proj = torch.einsum("nti,eik->ntek", x, v.to(x.device))
+            share = proj.pow(2).sum(-1) / x.pow(2).sum(-1, keepdim=True).clamp(min=1e-12)  # [n, t, K]
+            total += (share * m).sum(1) / m.sum(1).clamp(min=1)
+        score = total / len(self.layers)
+        return torch.softmax(score / self.temperature, dim=-1).cpu()
+
+    def state(self):
+        return {}, {"subspace_rank": self.subspace_rank, "temperature": self.temperature, "blocks": self.blocks}
+
+    @classmethod
+    def from_state(cls, served, tensors, meta):
+        return cls(served, **{k: meta[k] for k in ("subspace_rank", "temperature", "blocks") if k in meta})
