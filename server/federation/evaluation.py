@@ -12,7 +12,12 @@ round itself never fails for it.
 
 from __future__ import annotations
 
+import math
+
 from flwr.app import Message, RecordDict
+
+from fedmoe.server.federation.strategy import whole_number
+from fedmoe.shared.errors import FedmoeError
 
 from fedmoe.shared import compression
 
@@ -40,10 +45,18 @@ def evaluate_round(grid, strategy, rnd: int, send_round, progress=None) -> dict[
                 progress(f"round {rnd}: site {node.site} did not evaluate {expert}"
                          + (f" ({reply.error.reason[:200]})" if reply is not None else " (no reply)"))
             continue
-        m = reply.content["metrics"]
-        n = int(m.get("num-examples", 0))
-        acc, loss = float(m.get("eval-accuracy", float("nan"))), float(m.get("eval-loss", float("nan")))
-        if n <= 0 or not 0.0 <= acc <= 1.0 or loss != loss:  # a site without eval data, or a malformed reply
+        try:  # an untrusted reply: any malformed field drops that reply, never the round
+            m = reply.content["metrics"]
+            if m.get("num-examples", 0) == 0:  # a site without eval data
+                continue
+            where = f"round {rnd}: site {node.site} evaluating {expert}"
+            n = whole_number(m.get("num-examples", 0), "num-examples", where, strategy.cfg.max_examples)
+            acc, loss = float(m.get("eval-accuracy", float("nan"))), float(m.get("eval-loss", float("nan")))
+            if not 0.0 <= acc <= 1.0 or not math.isfinite(loss):
+                raise FedmoeError(f"{where}: accuracy {acc!r} or loss {loss!r} out of range")
+        except Exception as exc:  # noqa: BLE001
+            if progress:
+                progress(f"evaluation reply left out: {str(exc)[:300]}")
             continue
         s = sums.setdefault(expert, [0.0, 0.0, 0.0])
         s[0], s[1], s[2] = s[0] + n * acc, s[1] + n * loss, s[2] + n
