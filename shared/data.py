@@ -157,3 +157,16 @@ def load_mixed_eval(root: str | Path) -> list[Record]:
         if r.domain is None:
             raise FedmoeError(f"{Path(root) / 'mixed-eval.jsonl'}:{i}: record has no 'domain'")
     return records
+
+
+def load_conflict_eval(root: str | Path) -> list[Record]:
+    """`conflict-eval.jsonl` (terms defined in several domains, held out of the mixed set)
+    or [] for a suite without one (the synthetic suite)."""
+    path = Path(root) / "conflict-eval.jsonl"
+    if not path.exists():
+        return []
+    records = read_jsonl(path)
+    for i, r in enumerate(records, 1):
+        if r.domain is None:
+            raise FedmoeError(f"{path}:{i}: record has no 'domain'")
+    return records

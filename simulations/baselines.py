@@ -19,24 +19,27 @@ from fedmoe.client.trainer import SiteTrainer
 from fedmoe.shared.data import Record, Site
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.training import TrainConfig
+from fedmoe.simulations.method_scores import domain_scores, mean_scores, with_conflict
 
 
-def local_only(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None) -> dict[str, float]:
+def local_only(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None,
+               conflict: list[Record] = ()) -> dict[str, dict]:
     """Each site trains alone with the federation's total local steps; each domain's
-    accuracy is the mean over its sites' adapters on that domain's mixed records."""
-    per_domain: dict[str, list[float]] = {}
+    scores (`method_scores.domain_scores`) are the mean over its sites' adapters on that
+    domain's mixed (and conflict) records."""
+    per_domain: dict[str, list[dict]] = {}
     for i, site in enumerate(sites):
         trainer.set_adapter(None)
         trainer.train(site.train, TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + i}))
-        records = [r for r in mixed if r.domain == site.domain]
-        per_domain.setdefault(site.domain, []).append(trainer.evaluate(records).accuracy)
+        per_domain.setdefault(site.domain, []).append(_scores(trainer, site.domain, mixed, conflict))
         if progress:
-            progress(f"baseline local_only: {Path(site.path).name} ({site.domain}) {per_domain[site.domain][-1]:.3f} "
+            progress(f"baseline local_only: {Path(site.path).name} ({site.domain}) {_headline(per_domain[site.domain][-1])} "
                      f"[{i + 1}/{len(sites)}]")
-    return {d: sum(v) / len(v) for d, v in per_domain.items()}
+    return {d: mean_scores(v) for d, v in per_domain.items()}
 
 
-def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None) -> dict[str, float]:
+def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None,
+                conflict: list[Record] = ()) -> dict[str, dict]:
     """Upper bound: per domain, one adapter on the domain's pooled data (no federation),
     trained with as many steps as the federation spent on that domain."""
     out = {}
@@ -44,10 +47,23 @@ def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cf
         members = [s for s in sites if s.domain == domain]
         trainer.set_adapter(None)
         trainer.train([r for s in members for r in s.train], TrainConfig(**{**cfg.__dict__, "steps": cfg.steps * len(members)}))
-        out[domain] = trainer.evaluate([r for r in mixed if r.domain == domain]).accuracy
+        out[domain] = _scores(trainer, domain, mixed, conflict)
         if progress:
-            progress(f"baseline centralized: {domain} {out[domain]:.3f}")
+            progress(f"baseline centralized: {domain} {_headline(out[domain])}")
     return out
+
+
+def _scores(trainer: SiteTrainer, domain: str, mixed: list[Record], conflict) -> dict:
+    """The trainer's current adapter on one domain's mixed and conflict records."""
+    mine = [r for r in mixed if r.domain == domain]
+    scores = domain_scores(trainer.model, trainer.tokenizer, mine)[domain]
+    clash = domain_scores(trainer.model, trainer.tokenizer, [r for r in conflict if r.domain == domain])
+    return with_conflict({domain: scores}, clash)[domain]
+
+
+def _headline(scores: dict) -> str:
+    name = "acc_norm" if "acc_norm" in scores else "exact_match"
+    return f"{name} {scores[name]:.3f}"
 
 
 BASELINES = {"local_only": local_only, "centralized": centralized}
@@ -66,16 +82,17 @@ def worker_groups(sites: int, steps: int) -> list[tuple[str, ...]]:
 
 
 def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict, names=tuple(BASELINES)) -> dict:
-    """The named baselines on the suite's sites: {name: per-domain accuracy, "seconds": ...}."""
-    from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
+    """The named baselines on the suite's sites: {name: per-domain scores, "seconds": ...}."""
+    from fedmoe.shared.data import find_sites, load_conflict_eval, load_mixed_eval, load_site
 
     start = time.perf_counter()
     sites = [load_site(p) for p in find_sites(suite)]
     mixed = load_mixed_eval(suite)
+    conflict = load_conflict_eval(suite)
     trainer = SiteTrainer(model_dir, quant, 8)
     train_cfg = TrainConfig(**cfg)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    out: dict = {name: BASELINES[name](trainer, sites, mixed, train_cfg, say) for name in names}
+    out: dict = {name: BASELINES[name](trainer, sites, mixed, train_cfg, say, conflict) for name in names}
     return out | {"seconds": time.perf_counter() - start}
 
 

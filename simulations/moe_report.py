@@ -9,7 +9,9 @@ only what `fedmoe.client.prototype` / `fedmoe.client.router` return), evaluates
     static_cat, static_svd, static_ties_svd, static_dare_ties_svd
                                                  (λ, density tuned on the sites' eval records)
 
-on the mixed held-out set with `fedmoe.shared.training.evaluate`, and adds per gate
+on the mixed held-out set (and the conflict set, when given) with
+`fedmoe.simulations.method_scores` (multiple-choice acc_norm where the records carry
+choices, else exact match), and adds per gate
 `routing_accuracy` (share of mixed prompts whose top expert is their own domain's) and
 `latency_ratio` (median per-request latency of route + top-1 generation over the same
 model with one LoRA active, measured side by side in this run).
@@ -35,12 +37,15 @@ from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge, defa
 from fedmoe.shared.data import Record, Site
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.features import FeatureConfig, record_prompt
-from fedmoe.shared.training import evaluate
+from fedmoe.simulations.method_scores import domain_scores, headline_metric, method_entry, weighted, with_conflict
 
 
-def _method_result(result) -> dict:
-    return {"per_domain": {d: v["accuracy"] for d, v in result.per_domain.items()}, "mixed": result.accuracy,
-            "loss": result.loss}
+def _method_result(served: ServedModel, mixed_eval: list[Record], conflict_eval: list[Record], forward_kwargs_fn) -> dict:
+    """A report entry (`method_scores.method_entry`): headline acc_norm on multiple-choice
+    records, else exact match; the conflict set through the same routing."""
+    scores = domain_scores(served.lm, served.tokenizer, mixed_eval, forward_kwargs_fn)
+    clash = domain_scores(served.lm, served.tokenizer, conflict_eval, forward_kwargs_fn)
+    return method_entry(with_conflict(scores, clash), headline_metric(mixed_eval))
 
 
 def validation_split(sites: list[Site], per_site: int = 8) -> list[Record]:
@@ -50,8 +55,10 @@ def validation_split(sites: list[Site], per_site: int = 8) -> list[Record]:
 
 
 def _merge_score(served: ServedModel, name: str, records: list[Record]) -> tuple[float, float]:
-    r = evaluate(served.lm, served.tokenizer, records, forward_kwargs_fn=served.expert_kwargs_fn(name))
-    return (r.accuracy, -r.loss)  # accuracy first; loss breaks the ties small validation sets have
+    """The report's headline metric on validation records; loss breaks the ties small
+    validation sets have."""
+    scores = domain_scores(served.lm, served.tokenizer, records, served.expert_kwargs_fn(name))
+    return (weighted(scores, headline_metric(records)), -weighted(scores, "loss"))
 
 
 def routing_accuracy(served: ServedModel, gate: str, records: list[Record]) -> tuple[float, dict[str, float]]:
@@ -131,13 +138,15 @@ def moe_methods(model_dir: str | Path, experts: dict[str, Path], mixed_eval: lis
                 seed: int = 0, gates=tuple(GATES), static_merges=tuple(STATIC_MERGES), device: str | None = None,
                 feature_config: FeatureConfig | None = None, gate_dir: str | Path | None = None,
                 latency_requests: int = 16, latency_new_tokens: int = 8, include_oracle: bool = False,
-                progress=None, **gate_options) -> dict[str, dict]:
+                progress=None, conflict_eval: list[Record] = (), **gate_options) -> dict[str, dict]:
     """report.json entries for the MoE gates and the static merges.
 
     `experts`: domain -> peft adapter dir. `mixed_eval`: records with `domain`.
     `sites`: the sites, whose side of the gates runs in-process. `gate_dir` (e.g.
     RUN/gates): where to save the gates so `fedmoe serve` can load them.
-    Returns {method: {"per_domain", "mixed", "loss", ...}}.
+    `conflict_eval` (optional): the suite's conflict set, scored per method as "conflict".
+    Returns {method: {"per_domain", "mixed", "loss", ...}}; the headline is acc_norm when
+    the records carry choices, else exact match (`method_scores`).
     """
     say = progress or (lambda text: None)
     if not mixed_eval:
@@ -149,9 +158,8 @@ def moe_methods(model_dir: str | Path, experts: dict[str, Path], mixed_eval: lis
     served = ServedModel(model_dir, experts, device, feature_config)
     methods: dict[str, dict] = {}
     if include_oracle:
-        oracle = evaluate(served.lm, served.tokenizer, mixed_eval,
-                          forward_kwargs_fn=lambda recs: {"adapter_names": [r.domain for r in recs]})
-        methods["experts_oracle"] = _method_result(oracle)
+        methods["experts_oracle"] = _method_result(served, mixed_eval, conflict_eval,
+                                                   lambda recs: {"adapter_names": [r.domain for r in recs]})
     # Static merges first, and removed again: the arrow router treats every adapter
     # on the model as an expert.
     validation = validation_split(sites)
@@ -160,16 +168,15 @@ def moe_methods(model_dir: str | Path, experts: dict[str, Path], mixed_eval: lis
         params = tune_static_merge(served, method, validation, lambda name, recs: _merge_score(served, name, recs), seed=seed)[0] \
             if validation else default_params(method, len(served.experts))
         name = add_static_merge(served.model, served.experts, method, params=params, seed=seed)
-        result = evaluate(served.lm, served.tokenizer, mixed_eval, forward_kwargs_fn=served.expert_kwargs_fn(name))
-        methods[f"static_{method}"] = _method_result(result) | {"params": params, "validation_records": len(validation)}
+        methods[f"static_{method}"] = _method_result(served, mixed_eval, conflict_eval, served.expert_kwargs_fn(name)) \
+            | {"params": params, "validation_records": len(validation)}
         served.model.delete_adapter(name)
     info = build_gates(served, sites, seed, gates, progress=progress, **gate_options)
     prompts = [record_prompt(r) for r in mixed_eval][:latency_requests]
     for gate in gates:
         say(f"gate {gate}: evaluating")
-        result = evaluate(served.lm, served.tokenizer, mixed_eval, forward_kwargs_fn=served.forward_kwargs_fn(gate))
         acc, per_domain = routing_accuracy(served, gate, mixed_eval)
-        entry = _method_result(result) | {"routing_accuracy": acc, "routing_per_domain": per_domain}
+        entry = _method_result(served, mixed_eval, conflict_eval, served.forward_kwargs_fn(gate)) | {"routing_accuracy": acc, "routing_per_domain": per_domain}
         if latency_requests:
             lat = measure_latency(served, gate, prompts, latency_new_tokens)
             entry |= {"latency_ratio": lat["latency_ratio"], "latency": lat}

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedmoe.shared.data import find_sites, load_mixed_eval, load_site
+from fedmoe.shared.data import find_sites, load_conflict_eval, load_mixed_eval, load_site
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.server.federation.run_config import StrategyConfig
 from fedmoe.shared.config import from_json, option, to_json
@@ -40,15 +40,19 @@ def prepare_suite(preset: SimPreset, data_dir: str | None) -> Path:
     from fedmoe.shared.pretrain import cache_dir
     from fedmoe.simulations.domain_suite import make_suite
 
+    if preset.suite == "wordnet":
+        from fedmoe.simulations.wordnet_suite import DEFAULT_DOMAINS, make_wordnet_suite
+
+        path = (cache_dir() / "suites" / f"wordnet-d{preset.domains}-s{preset.sites}-t{preset.terms_per_domain}"
+                f"-seed{preset.seed}")
+        if not (path / "conflict-eval.jsonl").exists():  # the builder's last file
+            make_wordnet_suite(path, list(DEFAULT_DOMAINS[:preset.domains]), preset.sites_per_domain, preset.seed,
+                               terms_per_domain=preset.terms_per_domain)
+        return path
     path = cache_dir() / "suites" / f"d{preset.domains}-s{preset.sites}-seed{preset.seed}"
     if not (path / "mixed-eval.jsonl").exists():
         make_suite(path, preset.domains, preset.sites, preset.seed)
     return path
-
-
-def weighted_mixed(per_domain: dict[str, float], counts: dict[str, int]) -> float:
-    total = sum(counts[d] for d in per_domain)
-    return sum(per_domain[d] * counts[d] for d in per_domain) / total
 
 
 def backend_config_for(ray_address: str | None, gpus_per_site: float = 0.0) -> dict:
@@ -83,10 +87,11 @@ def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
     return results
 
 
-def score_adapters(model_dir: Path, adapters: dict[str, Path], mixed, route) -> dict[str, float]:
-    """Per-domain accuracy where each domain's records are scored by adapter `route(domain)`."""
+def score_adapters(model_dir: Path, adapters: dict[str, Path], mixed, route, conflict=()) -> dict[str, dict]:
+    """Per-domain scores (`method_scores.domain_scores`, conflict set included) where each
+    domain's records are scored by adapter `route(domain)`."""
     from fedmoe.shared.modeling import load_adapter, load_base_model, load_tokenizer
-    from fedmoe.shared.training import evaluate
+    from fedmoe.simulations.method_scores import domain_scores, with_conflict
 
     tokenizer = load_tokenizer(model_dir)
     model = None
@@ -95,7 +100,8 @@ def score_adapters(model_dir: Path, adapters: dict[str, Path], mixed, route) -> 
     out = {}
     for domain in sorted({r.domain for r in mixed}):
         model.set_adapter(route(domain))
-        out[domain] = evaluate(model, tokenizer, [r for r in mixed if r.domain == domain]).accuracy
+        scores = domain_scores(model, tokenizer, [r for r in mixed if r.domain == domain])
+        out |= with_conflict(scores, domain_scores(model, tokenizer, [r for r in conflict if r.domain == domain]))
     return out
 
 
@@ -158,7 +164,8 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
     from fedmoe.simulations.baselines import BASELINES, BaselineWorker, worker_groups
     from fedmoe.shared.commands import resolve_model_dir
     from fedmoe.shared.modeling import load_base_model, load_tokenizer
-    from fedmoe.shared.training import TrainConfig, evaluate
+    from fedmoe.shared.training import TrainConfig
+    from fedmoe.simulations.method_scores import domain_scores, headline_metric, method_entry, with_conflict
 
     opts, preset_name = run.options, run.preset
     if preset_name not in PRESETS:
@@ -192,6 +199,8 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
     suite = prepare_suite(preset, data_dir)
     sites = [load_site(p) for p in find_sites(suite)]
     mixed = load_mixed_eval(suite)
+    conflict = load_conflict_eval(suite)  # [] for the synthetic suite
+    metric = headline_metric(mixed)
     unknown = sorted({r.domain for r in mixed} - {s.domain for s in sites})
     if unknown:
         raise FedmoeError(f"{suite}/mixed-eval.jsonl has domain {unknown[0]!r} that no site holds")
@@ -222,29 +231,31 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
         counts = {d: sum(1 for r in mixed if r.domain == d) for d in sorted({r.domain for r in mixed})}
         methods: dict[str, dict] = {}
 
-        def add(name: str, per_domain: dict[str, float], **extra) -> None:
-            methods[name] = {"per_domain": per_domain, "mixed": weighted_mixed(per_domain, counts), **extra}
-            log(f"scored {name}: mixed {methods[name]['mixed']:.3f}")
+        def add(name: str, scores: dict[str, dict]) -> None:
+            methods[name] = method_entry(scores, metric)
+            log(f"scored {name}: mixed {metric} {methods[name]['mixed']:.3f}")
 
         tokenizer = load_tokenizer(model_dir)
         experts = {d: out_dir / "experts" / d for d in results["experts"]}
         with stages("scoring"):
-            base = evaluate(load_base_model(model_dir, "none"), tokenizer, mixed)
-            add("base", {d: v["accuracy"] for d, v in base.per_domain.items()})
+            base_model = load_base_model(model_dir, "none")
+            add("base", with_conflict(domain_scores(base_model, tokenizer, mixed), domain_scores(base_model, tokenizer, conflict)))
+            del base_model
             if experts:
-                add("experts_oracle", score_adapters(model_dir, experts, mixed, route=lambda d: d))
+                add("experts_oracle", score_adapters(model_dir, experts, mixed, lambda d: d, conflict))
             if baselines:
-                add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed, route=lambda d: "all"))
+                add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed,
+                                                    lambda d: "all", conflict))
         if moe and len(experts) > 1:
             from fedmoe.simulations.moe_report import moe_methods
 
             with stages("moe"):
                 moe_results = moe_methods(model_dir, experts, mixed, sites, seed=preset.seed, gate_dir=out_dir / "gates",
                                           router_max_records=64, router_rounds=preset.router_rounds,
-                                          latency_requests=preset.latency_requests, progress=log)
+                                          latency_requests=preset.latency_requests, progress=log, conflict_eval=conflict)
             for name, entry in moe_results.items():
                 methods[name] = entry
-                log(f"scored {name}: mixed {entry['mixed']:.3f}")
+                log(f"scored {name}: mixed {metric} {entry['mixed']:.3f}")
         if workers:
             with stages("baselines (waiting)"):
                 done = [w.result() for w in workers]
@@ -258,6 +269,7 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
             "model": str(model_dir), "local_steps": preset.local_steps, "lr": preset.lr, "batch_size": preset.batch_size,
             "ranks": list(preset.ranks), "fraction": preset.fraction,
             "sites": len(sites), "domains": sorted(counts), "mixed_eval_records": len(mixed),
+            "metric": metric, "conflict_eval_records": len(conflict),
             "methods": {m: methods[m] for m in METHOD_ORDER if m in methods} | {m: v for m, v in methods.items() if m not in METHOD_ORDER},
             "federation_seconds": fed_seconds, "stage_seconds": stages.seconds, "history": results["history"],
             "compression": compression, "server_opt": server_opt, "prox_mu": prox_mu, **wire_bytes(out_dir),
@@ -303,11 +315,28 @@ def wire_bytes(out_dir: Path) -> dict:
 
 
 def report_table(report: dict) -> str:
+    """Per method: the headline per domain and mixed, plus the conflict set's and the
+    exact match beside a multiple-choice headline (columns only where some method has them)."""
     domains = report["domains"]
-    head = "| method | " + " | ".join(domains) + " | mixed |\n|---|" + "---|" * (len(domains) + 1) + "\n"
+    methods = report["methods"].values()
+    extra = [k for k in ("conflict", "exact_match") if any(k in v for v in methods)]
+    if report.get("metric", "exact_match") == "exact_match" and "exact_match" in extra:
+        extra.remove("exact_match")
+    head = ("| method | " + " | ".join(domains) + " | mixed |" + "".join(f" {k.replace('_', ' ')} |" for k in extra)
+            + "\n|---|" + "---|" * (len(domains) + 1 + len(extra)) + "\n")
+    cell = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     rows = "".join(f"| {m} | " + " | ".join(f"{v['per_domain'].get(d, float('nan')):.3f}" for d in domains)
-                   + f" | **{v['mixed']:.3f}** |\n" for m, v in report["methods"].items())
+                   + f" | **{v['mixed']:.3f}** |" + "".join(f" {cell(v.get(k))} |" for k in extra) + "\n"
+                   for m, v in report["methods"].items())
     return head + rows
+
+
+METRIC_WORDS = {
+    "exact_match": "Exact-match accuracy on the mixed held-out set (phrasings unseen in training)",
+    "acc_norm": ("Multiple-choice accuracy (acc_norm: length-normalized log-likelihood, as lm-evaluation-harness) on "
+                 "the mixed held-out set (phrasings unseen in training); `conflict`: the same on the terms defined in "
+                 "several domains; `exact match`: greedy decoding of the right gloss"),
+}
 
 
 def write_report(out_dir: Path, report: dict) -> None:
@@ -320,7 +349,7 @@ def write_report(out_dir: Path, report: dict) -> None:
           f"Wall time {report['wall_seconds']:.0f}s (federation {report['federation_seconds']:.0f}s). "
           f"Adapters on the wire: {report.get('compression', 'none')}, "
           f"{report.get('bytes_per_site_round', {}).get('total', 0) / 1e3:.1f} kB per site per round.\n\n"
-          "Exact-match accuracy on the mixed held-out set (phrasings unseen in training):\n\n" + report_table(report)
+          f"{METRIC_WORDS[report.get('metric', 'exact_match')]}:\n\n" + report_table(report)
           + privacy_markdown(report)
           + "\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
     write_atomically(out_dir / "report.md", md)
@@ -344,7 +373,7 @@ def plot_report(out_dir: Path, report: dict) -> None:
     names = list(report["methods"])
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.1), 4))
     ax.bar(names, [report["methods"][m]["mixed"] for m in names], color="#4C72B0")
-    ax.set_ylabel("mixed exact-match accuracy")
+    ax.set_ylabel(f"mixed {report.get('metric', 'exact_match').replace('_', ' ')} accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(f"accuracy per method ({report['preset']} preset)")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")

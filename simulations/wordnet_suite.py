@@ -50,6 +50,7 @@ MEMBER_TREES: dict[str, dict[str, str]] = {
     "computing": {"06566077": "software", "06898352": "programming_language", "05728493": "data_structure",
                   "05847438": "algorithm"},
 }
+DEFAULT_DOMAINS = ("law", "medicine", "computing", "finance")  # make-suite's and the `real` preset's
 MEMBER_DEPTH = 2
 HYPONYM_DEPTH = 3  # the domain trees are shallow; deeper only adds unrelated leaves
 MAX_GLOSS_CHARS = 72  # the default model sees 128 positions: prompt + gloss must fit

@@ -113,14 +113,16 @@ def test_fetched_model_loads_stock_and_knows_english(smollm2_dir):
     assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True, again.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_two_site_federation_on_the_real_model(smollm2_dir, tmp_path):
+@pytest.fixture(scope="module")
+def real_run(smollm2_dir, tmp_path_factory):
     """One round, two sites (one per domain), one local step: a non-tiny model with its
-    own tokenizer through the whole simulate path (Flower on Ray, store, scoring)."""
+    own tokenizer through the whole simulate path (Flower on Ray, store, scoring). Run
+    once for the module: the federation test and the edge export test share it."""
     from fedmoe.shared.data import find_sites
     from fedmoe.simulations.domain_suite import make_suite
 
-    suite = tmp_path / "suite"
+    root = tmp_path_factory.mktemp("real-run")
+    suite = root / "suite"
     make_suite(suite, domains=2, sites=2, seed=0)
     mixed = (suite / "mixed-eval.jsonl").read_text().splitlines()
     by_domain = {}
@@ -128,15 +130,61 @@ def test_two_site_federation_on_the_real_model(smollm2_dir, tmp_path):
         by_domain.setdefault(json.loads(line)["domain"], []).append(line)
     (suite / "mixed-eval.jsonl").write_text("\n".join(r for rows in by_domain.values() for r in rows[:4]) + "\n")
     assert len(find_sites(suite)) == 2
-    out = tmp_path / "run"
+    out = root / "run"
     proc = subprocess.run([sys.executable, "-m", "fedmoe.shared.cli", "simulate", "--preset", "smoke", "--data-dir", str(suite),
                            "--model", str(smollm2_dir), "--rounds", "1", "--local-steps", "1", "--batch-size", "4",
                            "--quant", "none", "--no-baselines", "--no-moe", "--no-mia", "--out", str(out), "--json"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
+    return out, json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_two_site_federation_on_the_real_model(smollm2_dir, real_run):
+    out, report = real_run
     assert report["model"] == str(smollm2_dir) and set(report["methods"]) == {"base", "experts_oracle"}
+    assert report["metric"] == "exact_match"  # the synthetic suite has no choices
     for domain in report["domains"]:
         assert (out / "experts" / domain / "adapter_config.json").is_file()
         config = json.loads((out / "experts" / domain / "adapter_config.json").read_text())
         assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+REAL_LOGIT_ATOL = 1e-3  # fp32 onnxruntime vs peft on a 30-layer model: more rounding than the tiny one's 1e-4
+
+
+@pytest.mark.slow
+def test_real_model_expert_exports_to_onnx_with_peft_logits_and_tokens(smollm2_dir, real_run, tmp_path):
+    """`fedmoe export --format onnx` of an expert the real-model federation trained:
+    onnxruntime gives peft's logits (within 1e-3) and the same greedy tokens."""
+    import numpy as np
+    import torch
+
+    from fedmoe.shared.edge import EdgeModel
+    from fedmoe.shared.modeling import load_adapter, load_base_model, load_tokenizer
+
+    out, report = real_run
+    expert = report["domains"][0]
+    edge_dir = tmp_path / "edge"
+    assert main(["export", "--run", str(out), "--expert", expert, "--format", "onnx", "--out", str(edge_dir)]) == 0
+    edge = EdgeModel(edge_dir)
+    assert edge.meta["expert"] == expert and (edge_dir / "tokenizer.json").is_file()
+
+    info = json.loads((out / "run.json").read_text())
+    peft_model = load_adapter(load_base_model(smollm2_dir, quant="none", device="cpu"), out / "experts" / expert,
+                              base_fingerprint=info["base_fingerprint"]).eval()
+    ids = load_tokenizer(smollm2_dir)("The patient was given a dose of", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor([ids])).logits.numpy()
+    got = edge.logits(ids)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=REAL_LOGIT_ATOL, rtol=0)
+
+    new = 8
+    ours = edge.generate_ids(ids, max_new_tokens=new, stop_at_eos=False).token_ids
+    peft_model.config.use_cache = True
+    with torch.no_grad():
+        theirs = peft_model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                     pad_token_id=peft_model.config.pad_token_id or 0)
+    assert ours == theirs[0, len(ids):].tolist()
