@@ -1,18 +1,26 @@
-"""Baselines for the report: each site alone (`local_only`) and pooled data per domain
-(`centralized`).
+"""Baselines for the report, each given the compute it is compared at, and saying so.
 
-They need nothing from the federation, so `fedmoe simulate` trains them in worker
-processes (`BaselineWorker`, grouped by `worker_groups`) while the federation runs, at a
-lower priority than the simulated sites: the federation and then the MoE stage are the
-run's critical path, and the baselines fill the cores those leave. Every job is seeded,
-so the numbers do not depend on how they overlap.
+- `local_only`: each site alone, at its own LoRA rank, for the federation's sequential
+  depth (rounds x local steps): what a site gets without federating.
+- `centralized`: per domain, one adapter on the domain's pooled data, at the domain
+  expert's rank, for the same sequential depth: the expert's bound at equal depth.
+- `centralized_pooled`: the same for the summed site steps (depth x the domain's sites):
+  the bound at equal total compute.
+- `centralized_single`: one adapter on every site's pooled data, at the largest rank, for
+  the same depth: the bound of `fedavg_single`.
+
+Each result carries `trained` (steps, rank, data). They need nothing from the federation,
+so `fedmoe simulate` trains them in worker processes (`BaselineWorker`, grouped by
+`worker_groups`) while the federation runs, at a lower priority than the simulated sites:
+the federation and then the MoE stage are the run's critical path, and the baselines fill
+the cores those leave. Every job is seeded, so the numbers do not depend on how they overlap.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedmoe.client.trainer import SiteTrainer
@@ -22,42 +30,96 @@ from fedmoe.shared.training import TrainConfig
 from fedmoe.simulations.method_scores import domain_scores, mean_scores, with_conflict
 
 
-def local_only(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None,
-               conflict: list[Record] = ()) -> dict[str, dict]:
-    """Each site trains alone with the federation's total local steps; each domain's
-    scores (`method_scores.domain_scores`) are the mean over its sites' adapters on that
-    domain's mixed (and conflict) records."""
+@dataclass
+class BaselineContext:
+    """What every baseline reads: the suite, the federation's training config (its `steps`
+    = rounds x local steps) and the sites' ranks (cycled, as the federation assigns them)."""
+
+    model_dir: str
+    quant: str
+    sites: list[Site]
+    mixed: list[Record]
+    conflict: list[Record]
+    cfg: TrainConfig
+    ranks: tuple[int, ...] = (8,)
+    progress: object = None
+    _trainers: dict = field(default_factory=dict)
+
+    def trainer(self, rank: int) -> SiteTrainer:
+        if rank not in self._trainers:
+            self._trainers.clear()  # one model in memory at a time
+            self._trainers[rank] = SiteTrainer(self.model_dir, self.quant, rank)
+        return self._trainers[rank]
+
+    def rank_of(self, i: int) -> int:
+        return self.ranks[i % len(self.ranks)]
+
+    def domain_rank(self, domain: str) -> int:
+        """The domain expert's rank: the largest of its sites' (the federation aggregates at it)."""
+        return max(self.rank_of(i) for i, s in enumerate(self.sites) if s.domain == domain)
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            self.progress(text)
+
+
+def local_only(ctx: BaselineContext) -> dict:
+    """Each site alone at its own rank; a domain's scores are the mean over its sites'
+    adapters on that domain's mixed (and conflict) records."""
     per_domain: dict[str, list[dict]] = {}
-    for i, site in enumerate(sites):
+    for i, site in enumerate(ctx.sites):
+        trainer = ctx.trainer(ctx.rank_of(i))
         trainer.set_adapter(None)
-        trainer.train(site.train, TrainConfig(**{**cfg.__dict__, "seed": cfg.seed + i}))
-        per_domain.setdefault(site.domain, []).append(_scores(trainer, site.domain, mixed, conflict))
-        if progress:
-            progress(f"baseline local_only: {Path(site.path).name} ({site.domain}) {_headline(per_domain[site.domain][-1])} "
-                     f"[{i + 1}/{len(sites)}]")
-    return {d: mean_scores(v) for d, v in per_domain.items()}
+        trainer.train(site.train, TrainConfig(**{**ctx.cfg.__dict__, "seed": ctx.cfg.seed + i}))
+        per_domain.setdefault(site.domain, []).append(_scores(trainer, site.domain, ctx))
+        ctx.say(f"baseline local_only: {Path(site.path).name} ({site.domain}, rank {ctx.rank_of(i)}) "
+                f"{_headline(per_domain[site.domain][-1])} [{i + 1}/{len(ctx.sites)}]")
+    return {"scores": {d: mean_scores(v) for d, v in per_domain.items()},
+            "trained": {"steps": ctx.cfg.steps, "rank": "each site's own", "data": "one site's own data"}}
 
 
-def centralized(trainer: SiteTrainer, sites: list[Site], mixed: list[Record], cfg: TrainConfig, progress=None,
-                conflict: list[Record] = ()) -> dict[str, dict]:
-    """Upper bound: per domain, one adapter on the domain's pooled data (no federation),
-    trained with as many steps as the federation spent on that domain."""
+def _pooled(ctx: BaselineContext, name: str, steps_per_member: bool) -> dict:
     out = {}
-    for domain in sorted({s.domain for s in sites}):
-        members = [s for s in sites if s.domain == domain]
+    for domain in sorted({s.domain for s in ctx.sites}):
+        members = [s for s in ctx.sites if s.domain == domain]
+        trainer = ctx.trainer(ctx.domain_rank(domain))
         trainer.set_adapter(None)
-        trainer.train([r for s in members for r in s.train], TrainConfig(**{**cfg.__dict__, "steps": cfg.steps * len(members)}))
-        out[domain] = _scores(trainer, domain, mixed, conflict)
-        if progress:
-            progress(f"baseline centralized: {domain} {_headline(out[domain])}")
+        steps = ctx.cfg.steps * (len(members) if steps_per_member else 1)
+        trainer.train([r for s in members for r in s.train], TrainConfig(**{**ctx.cfg.__dict__, "steps": steps}))
+        out[domain] = _scores(trainer, domain, ctx)
+        ctx.say(f"baseline {name}: {domain} ({steps} steps) {_headline(out[domain])}")
     return out
 
 
-def _scores(trainer: SiteTrainer, domain: str, mixed: list[Record], conflict) -> dict:
+def centralized(ctx: BaselineContext) -> dict:
+    """Per domain, pooled data, the federation's sequential depth: the expert's bound."""
+    return {"scores": _pooled(ctx, "centralized", steps_per_member=False),
+            "trained": {"steps": ctx.cfg.steps, "rank": "the domain expert's", "data": "the domain's sites, pooled"}}
+
+
+def centralized_pooled(ctx: BaselineContext) -> dict:
+    """Per domain, pooled data, the summed site steps: equal total compute."""
+    return {"scores": _pooled(ctx, "centralized_pooled", steps_per_member=True),
+            "trained": {"steps": f"{ctx.cfg.steps} x the domain's sites", "rank": "the domain expert's",
+                        "data": "the domain's sites, pooled"}}
+
+
+def centralized_single(ctx: BaselineContext) -> dict:
+    """One adapter on all sites' pooled data, the federation's depth: fedavg_single's bound."""
+    rank = max(ctx.ranks)
+    trainer = ctx.trainer(rank)
+    trainer.set_adapter(None)
+    trainer.train([r for s in ctx.sites for r in s.train], ctx.cfg)
+    out = {d: _scores(trainer, d, ctx) for d in sorted({s.domain for s in ctx.sites})}
+    ctx.say(f"baseline centralized_single: {', '.join(f'{d} {_headline(v)}' for d, v in out.items())}")
+    return {"scores": out, "trained": {"steps": ctx.cfg.steps, "rank": rank, "data": "every site, pooled"}}
+
+
+def _scores(trainer: SiteTrainer, domain: str, ctx: BaselineContext) -> dict:
     """The trainer's current adapter on one domain's mixed and conflict records."""
-    mine = [r for r in mixed if r.domain == domain]
+    mine = [r for r in ctx.mixed if r.domain == domain]
     scores = domain_scores(trainer.model, trainer.tokenizer, mine)[domain]
-    clash = domain_scores(trainer.model, trainer.tokenizer, [r for r in conflict if r.domain == domain])
+    clash = domain_scores(trainer.model, trainer.tokenizer, [r for r in ctx.conflict if r.domain == domain])
     return with_conflict({domain: scores}, clash)[domain]
 
 
@@ -66,33 +128,31 @@ def _headline(scores: dict) -> str:
     return f"{name} {scores[name]:.3f}"
 
 
-BASELINES = {"local_only": local_only, "centralized": centralized}
-# A worker's start-up (imports, model load: ~10 s of CPU on 2 cores) pays for itself
-# only with enough training behind it: measured, the smoke preset (96 steps a baseline)
-# took 94 s with a worker per baseline vs 79 s with one; the default preset (960 steps a
-# baseline) left the single worker 100 s behind the federation.
+BASELINES = {"local_only": local_only, "centralized": centralized, "centralized_pooled": centralized_pooled,
+             "centralized_single": centralized_single}
+# Two workers of about equal training (sites x steps + steps, and sites x steps + domains x
+# steps) when there is enough of it; a worker's start-up (imports, model load: ~10 s of CPU
+# on 2 cores) pays for itself only then: measured, the smoke preset (96 steps a baseline)
+# took 94 s with a worker per baseline vs 79 s with one.
+GROUPS = (("local_only", "centralized_single"), ("centralized_pooled", "centralized"))
 SPLIT_STEPS = 300
 
 
 def worker_groups(sites: int, steps: int) -> list[tuple[str, ...]]:
-    """The baselines each worker trains: one worker per baseline when each has at least
-    SPLIT_STEPS steps of training, else one worker for both. Each trains sites x steps
-    in all (local_only: `steps` per site; centralized: per domain, `steps` per member)."""
-    return [(name,) for name in BASELINES] if sites * steps >= SPLIT_STEPS else [tuple(BASELINES)]
+    """The baselines each worker trains: two balanced groups when each has at least
+    SPLIT_STEPS steps of training, else one worker for all."""
+    return list(GROUPS) if sites * steps >= SPLIT_STEPS else [tuple(BASELINES)]
 
 
-def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict, names=tuple(BASELINES)) -> dict:
-    """The named baselines on the suite's sites: {name: per-domain scores, "seconds": ...}."""
+def run_baselines(model_dir: str, quant: str, suite: str, cfg: dict, names=tuple(BASELINES), ranks=(8,)) -> dict:
+    """The named baselines on the suite's sites: {name: {"scores", "trained"}, "seconds": ...}."""
     from fedmoe.shared.data import find_sites, load_conflict_eval, load_mixed_eval, load_site
 
     start = time.perf_counter()
     sites = [load_site(p) for p in find_sites(suite)]
-    mixed = load_mixed_eval(suite)
-    conflict = load_conflict_eval(suite)
-    trainer = SiteTrainer(model_dir, quant, 8)
-    train_cfg = TrainConfig(**cfg)
-    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    out: dict = {name: BASELINES[name](trainer, sites, mixed, train_cfg, say, conflict) for name in names}
+    ctx = BaselineContext(model_dir, quant, sites, load_mixed_eval(suite), load_conflict_eval(suite), TrainConfig(**cfg),
+                          tuple(ranks), progress=lambda text: print(text, file=sys.stderr, flush=True))
+    out: dict = {name: BASELINES[name](ctx) for name in names}
     return out | {"seconds": time.perf_counter() - start}
 
 
@@ -102,12 +162,13 @@ class BaselineWorker:
     `fedmoe simulate` runs one per baseline: their training is about equal (each site
     alone for the federation's steps; each domain pooled for as many steps as its sites)."""
 
-    def __init__(self, model_dir, quant: str, suite, cfg: TrainConfig, names=tuple(BASELINES)):
+    def __init__(self, model_dir, quant: str, suite, cfg: TrainConfig, names=tuple(BASELINES), ranks=(8,)):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=_worker_main, args=(child, str(model_dir), quant, str(suite), asdict(cfg), tuple(names)),
+        self.process = ctx.Process(target=_worker_main, args=(child, str(model_dir), quant, str(suite), asdict(cfg), tuple(names),
+                                                                   tuple(ranks)),
                                    name=f"fedmoe-baselines-{'-'.join(names)}", daemon=True)
         self.process.start()
         child.close()
@@ -134,7 +195,7 @@ class BaselineWorker:
             self.process.join(5)
 
 
-def _worker_main(conn, model_dir: str, quant: str, suite: str, cfg: dict, names: tuple[str, ...]) -> None:
+def _worker_main(conn, model_dir: str, quant: str, suite: str, cfg: dict, names: tuple[str, ...], ranks=(8,)) -> None:
     import os
 
     import torch
@@ -144,7 +205,7 @@ def _worker_main(conn, model_dir: str, quant: str, suite: str, cfg: dict, names:
     # then the MoE stage are the run's critical path; the baselines fill the cores they leave.
     os.nice(max(0, int(os.environ.get("RAY_worker_niceness", 15)) + 4 - os.nice(0)))
     try:
-        conn.send(("ok", run_baselines(model_dir, quant, suite, cfg, names)))
+        conn.send(("ok", run_baselines(model_dir, quant, suite, cfg, names, ranks)))
     except Exception as exc:  # sent back whole: the parent reports it in one line
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:

@@ -16,7 +16,8 @@ from fedmoe.server.federation.run_config import StrategyConfig
 from fedmoe.shared.config import from_json, option, to_json
 from fedmoe.simulations.presets import PRESETS, SimPreset, with_overrides
 
-METHOD_ORDER = ("base", "local_only", "fedavg_single", "experts_oracle", "centralized")
+METHOD_ORDER = ("base", "local_only", "fedavg_single", "centralized_single", "experts_oracle", "centralized",
+                "centralized_pooled")
 
 
 def run_curves(out_dir: Path) -> dict:
@@ -216,8 +217,8 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
     if baselines:  # independent of the federation: trained beside it (fedmoe.simulations.baselines)
         cfg = TrainConfig(steps=preset.local_steps * rounds, batch_size=preset.batch_size, lr=preset.lr, seed=preset.seed)
         groups = worker_groups(len(sites), cfg.steps)
-        workers = [BaselineWorker(model_dir, preset.quant, suite, cfg, names) for names in groups]
-        log(f"baselines {' and '.join(BASELINES)}: training in {len(workers)} worker process(es) beside the federation")
+        workers = [BaselineWorker(model_dir, preset.quant, suite, cfg, names, preset.ranks) for names in groups]
+        log(f"baselines {', '.join(BASELINES)}: training in {len(workers)} worker process(es) beside the federation")
     try:
         log(f"simulating {len(sites)} sites ({', '.join(sorted({s.domain for s in sites}))}) for {rounds} rounds, "
             f"{aggregation} aggregation, {preset.quant} sites -> {out_dir}")
@@ -243,9 +244,15 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
             del base_model
             if experts:
                 add("experts_oracle", score_adapters(model_dir, experts, mixed, lambda d: d, conflict))
+                methods["experts_oracle"]["trained"] = {
+                    "steps": f"{rounds} rounds x {preset.local_steps} local steps", "rank": "the domain's largest site rank",
+                    "data": "the domain's sites, federated"}
             if baselines:
                 add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed,
                                                     lambda d: "all", conflict))
+                methods["fedavg_single"]["trained"] = {
+                    "steps": f"{rounds} rounds x {preset.local_steps} local steps", "rank": "the largest site rank",
+                    "data": "every site, federated"}
         if moe and len(experts) > 1:
             from fedmoe.simulations.moe_report import moe_methods
 
@@ -263,7 +270,8 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
             for names, result in zip(groups, done):
                 stages.seconds[f"baseline {' + '.join(names)} (worker)"] = result["seconds"]
                 for name in names:
-                    add(name, result[name])
+                    add(name, result[name]["scores"])
+                    methods[name]["trained"] = result[name]["trained"]
         report = {
             "preset": preset_name, "seed": preset.seed, "aggregation": aggregation, "rounds": rounds, "quant": preset.quant,
             "model": str(model_dir), "local_steps": preset.local_steps, "lr": preset.lr, "batch_size": preset.batch_size,
@@ -316,19 +324,33 @@ def wire_bytes(out_dir: Path) -> dict:
 
 def report_table(report: dict) -> str:
     """Per method: the headline per domain and mixed, plus the conflict set's and the
-    exact match beside a multiple-choice headline (columns only where some method has them)."""
+    exact match beside a multiple-choice headline (columns only where some method has
+    them), and what each method trained (or a static merge's tuned values)."""
     domains = report["domains"]
     methods = report["methods"].values()
     extra = [k for k in ("conflict", "exact_match") if any(k in v for v in methods)]
     if report.get("metric", "exact_match") == "exact_match" and "exact_match" in extra:
         extra.remove("exact_match")
-    head = ("| method | " + " | ".join(domains) + " | mixed |" + "".join(f" {k.replace('_', ' ')} |" for k in extra)
-            + "\n|---|" + "---|" * (len(domains) + 1 + len(extra)) + "\n")
+    described = any("trained" in v or "params" in v for v in methods)
+    columns = ["method", *domains, "mixed", *(k.replace("_", " ") for k in extra), *(["trained"] if described else [])]
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
     cell = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     rows = "".join(f"| {m} | " + " | ".join(f"{v['per_domain'].get(d, float('nan')):.3f}" for d in domains)
-                   + f" | **{v['mixed']:.3f}** |" + "".join(f" {cell(v.get(k))} |" for k in extra) + "\n"
+                   + f" | **{v['mixed']:.3f}** |" + "".join(f" {cell(v.get(k))} |" for k in extra)
+                   + (f" {trained_text(v)} |" if described else "") + "\n"
                    for m, v in report["methods"].items())
     return head + rows
+
+
+def trained_text(entry: dict) -> str:
+    """`trained` as "steps · rank r · data", or a static merge's tuned parameters."""
+    if "trained" in entry:
+        t = entry["trained"]
+        rank = t["rank"] if isinstance(t["rank"], str) else f"rank {t['rank']}"
+        return f"{t['steps']} steps · {rank} · {t['data']}"
+    if "params" in entry:
+        return "tuned on site eval data: " + ", ".join(f"{k} {v:g}" for k, v in entry["params"].items())
+    return ""
 
 
 METRIC_WORDS = {

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-METHODS = ("base", "local_only", "fedavg_single", "experts_oracle", "centralized")
+METHODS = ("base", "local_only", "fedavg_single", "centralized_single", "experts_oracle", "centralized", "centralized_pooled")
 
 
 def test_report_has_every_method_with_fractions(smoke_run):
@@ -22,8 +22,14 @@ def test_report_has_every_method_with_fractions(smoke_run):
     for name in ("report.md", "accuracy.png", "loss.png", "run.json"):
         assert (smoke_run / name).stat().st_size > 0
     assert "experts_oracle" in (smoke_run / "report.md").read_text()
+    # equal compute, said: the federation's depth for centralized, the summed site steps for _pooled
+    trained = {m: report["methods"][m]["trained"] for m in ("local_only", "centralized", "centralized_pooled", "experts_oracle")}
+    depth = report["rounds"] * report["local_steps"]
+    assert trained["centralized"]["steps"] == depth == trained["local_only"]["steps"]
+    assert str(depth) in trained["centralized_pooled"]["steps"] and "site" in trained["centralized_pooled"]["steps"]
     stages = report["stage_seconds"]
-    workers = ("baseline local_only + centralized (worker)",)  # the smoke preset's baselines share one worker
+    # the smoke preset's baselines share one worker
+    workers = ("baseline local_only + centralized + centralized_pooled + centralized_single (worker)",)
     assert {"federation", "scoring", "moe", *workers} <= set(stages) and all(v >= 0 for v in stages.values())
     assert sum(v for k, v in stages.items() if k not in workers) <= report["wall_seconds"]
     assert max(stages[w] for w in workers) <= report["wall_seconds"]
@@ -42,16 +48,23 @@ def test_baselines_in_their_worker_match_the_same_run_in_process(suite_dir, tiny
     shutil.copy(suite_dir / "mixed-eval.jsonl", suite / "mixed-eval.jsonl")
     domains = {json.loads(line)["domain"] for line in (suite_dir / "mixed-eval.jsonl").read_text().splitlines()}
     cfg = TrainConfig(steps=6, batch_size=8, seed=3)
-    workers = [BaselineWorker(tiny_model_dir, "none", suite, cfg, [name]) for name in ("local_only", "centralized")]
+    ranks = (4, 8)  # local_only trains each site at its own rank
+    workers = [BaselineWorker(tiny_model_dir, "none", suite, cfg, names, ranks)
+               for names in (("local_only", "centralized_single"), ("centralized", "centralized_pooled"))]
     try:
-        here = run_baselines(str(tiny_model_dir), "none", str(suite), cfg.__dict__)
+        here = run_baselines(str(tiny_model_dir), "none", str(suite), cfg.__dict__, ranks=ranks)
         there = [w.result() for w in workers]
     finally:
         for w in workers:
             w.stop()
     assert there[0]["local_only"] == here["local_only"] and there[1]["centralized"] == here["centralized"]
+    assert there[0]["centralized_single"] == here["centralized_single"]
+    assert there[1]["centralized_pooled"] == here["centralized_pooled"]
     assert "centralized" not in there[0] and "local_only" not in there[1]
-    assert set(here["local_only"]) == set(here["centralized"]) and set(here["local_only"]) < domains
+    scores = {name: here[name]["scores"] for name in ("local_only", "centralized", "centralized_pooled", "centralized_single")}
+    assert len({frozenset(v) for v in scores.values()}) == 1 and set(scores["local_only"]) < domains
+    # equal compute: centralized at the federation's depth, _pooled at depth x the domain's 2 sites
+    assert here["centralized"]["trained"]["steps"] == 6 and here["centralized_pooled"]["trained"]["steps"].startswith("6 x")
 
 
 def test_run_store_committed_every_round(smoke_run):
@@ -122,5 +135,7 @@ def test_baseline_workers_split_only_with_enough_training():
     from fedmoe.simulations.presets import PRESETS
 
     smoke, default = PRESETS["smoke"], PRESETS["default"]
-    assert worker_groups(smoke.sites, smoke.local_steps * smoke.rounds) == [("local_only", "centralized")]
-    assert worker_groups(default.sites, default.local_steps * default.rounds) == [("local_only",), ("centralized",)]
+    assert worker_groups(smoke.sites, smoke.local_steps * smoke.rounds) == [
+        ("local_only", "centralized", "centralized_pooled", "centralized_single")]
+    assert worker_groups(default.sites, default.local_steps * default.rounds) == [
+        ("local_only", "centralized_single"), ("centralized_pooled", "centralized")]
