@@ -102,7 +102,7 @@ def test_serve_gives_a_routed_answer_through_the_stub(server, stub, suite_dir):
     from fedmoe.shared.data import load_mixed_eval
 
     assert server["address"].startswith("127.0.0.1:") and server["port"] > 0
-    assert set(server["gates"]) == {"arrow", "prototype"} and server["default_gate"] == "prototype"
+    assert set(server["gates"]) == {"arrow", "smile", "prototype"} and server["default_gate"] == "prototype"
     records = load_mixed_eval(suite_dir)[:6]
     for r in records:
         route = stub.Route(pb.RouteRequest(prompt=r.prompt), timeout=60)

@@ -199,10 +199,13 @@ def test_per_layer_norms_match_dense_update(servers, run_dir):
             assert math.isclose(layer_sq, item["total_norm"] ** 2, rel_tol=1e-9)
     finally:
         store.close()
-    # final accuracies come from report.json while no per-round accuracy is recorded
+    # per-round accuracy: the sites' evaluation of each expert every round; final ones from report.json
     acc = api(servers[0], "/api/accuracy")
     report = json.loads((run_dir / "report.json").read_text())
-    assert acc["per_round"] is None and "not recorded" in acc["note"]
+    per_round = acc["per_round"]
+    assert set(per_round) >= {"law", "medicine"}
+    for points in per_round.values():
+        assert [r for r, _ in points] == list(range(1, report["rounds"] + 1)) and all(0 <= v <= 1 for _, v in points)
     assert acc["final"]["experts_oracle"]["mixed"] == report["methods"]["experts_oracle"]["mixed"]
 
 
