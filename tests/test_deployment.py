@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 from deploy_helpers import Proc, free_port
 
+
+pytestmark = pytest.mark.slow  # real SuperLink + SuperNodes + site daemons: the full suite, not the quick tier
+
 ROUND_TIMEOUT = 60.0  # the killed site's round ends by this deadline (or earlier, when Flower sees the node gone)
 RUN_TIMEOUT = 420.0
 

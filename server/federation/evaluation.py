@@ -27,11 +27,14 @@ def eval_round_due(rnd: int, rounds: int, every: int) -> bool:
     return every > 0 and (rnd % every == 0 or rnd == rounds)
 
 
-def evaluate_round(grid, strategy, rnd: int, send_round, progress=None) -> dict[str, dict[str, float]]:
-    """{expert: {"eval_accuracy", "eval_loss", "eval_examples"}} from the sites' replies."""
+def evaluate_round(grid, strategy, rnd: int, send_round, progress=None, skip=frozenset()) -> dict[str, dict[str, float]]:
+    """{expert: {"eval_accuracy", "eval_loss", "eval_examples"}} from the sites' replies;
+    nodes in `skip` (those that failed this round) are not asked."""
     sent = []
     for expert, nodes in strategy.groups().items():
         for node in nodes:
+            if node.node_id in skip:
+                continue
             arrays, meta, _ = compression.encode(strategy.expert_for_rank(expert, node.rank), "none")
             meta["expert"], meta["round"] = expert, rnd
             msg = Message(RecordDict({"arrays": arrays, "config": meta}), dst_node_id=node.node_id, message_type="evaluate")

@@ -127,7 +127,10 @@ def _run_federation(grid: Grid, plan: FederationPlan, progress, opened) -> dict:
                 raise
             result = strategy.aggregate_train(rnd, sent, replies, resends)
         if eval_round_due(rnd, plan.rounds, plan.strategy.eval_every):  # committed with the round, below
-            for expert, m in evaluate_round(grid, strategy, rnd, send_round, progress).items():
+            # a site that did not answer this round's TRAIN is not asked again: it would hold
+            # the round for another deadline (measured: a killed site added 60 s to a deployed run)
+            gone = {p.get("node_id") for p in result.participation if p.get("status") == "failed"}
+            for expert, m in evaluate_round(grid, strategy, rnd, send_round, progress, skip=gone).items():
                 result.metrics.setdefault(expert, {}).update(m)
         store.commit_round(rnd, result.participation, result.metrics, result.rejections,
                            {e: strategy.expert_delta(e) for e in strategy.experts})
