@@ -120,6 +120,8 @@ def flower_task_identity():
 # Tiers: `pytest -m "not slow"` is the development tier (under 5 minutes on 2 cores); the
 # full suite (scripts/test.sh, CI) runs everything. A test is slow when it is marked so,
 # or when it needs a whole simulated federation (the fixtures below start one each).
+# (The dashboard and operator tests reach the smoke run through their own `run_dir` and
+# are marked slow in their files.)
 FEDERATION_FIXTURES = {"smoke_run", "fed_smoke_run"}
 
 

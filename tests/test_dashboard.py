@@ -27,6 +27,9 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
          "--window-size=1400,1800"]
 
 
+pytestmark = pytest.mark.slow  # they read the smoke run (a whole federation) unless FEDMOE_SMOKE_RUN names one
+
+
 @pytest.fixture(scope="module")
 def run_dir(request) -> Path:
     return Path(os.environ["FEDMOE_SMOKE_RUN"]) if os.environ.get("FEDMOE_SMOKE_RUN") else request.getfixturevalue("smoke_run")

@@ -31,6 +31,9 @@ ROUTES = ["/", "/index.html", "/static/dashboard.js", "/static/dashboard.css", "
           "/api/loss", "/api/events", "/no/such/page"]
 
 
+pytestmark = pytest.mark.slow  # they read the smoke run (a whole federation) unless FEDMOE_SMOKE_RUN names one
+
+
 @pytest.fixture(scope="module")
 def run_dir(request) -> Path:
     """The shared smoke run (read-only here). FEDMOE_SMOKE_RUN=DIR reuses a run folder you already have."""
