@@ -245,13 +245,13 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
             if experts:
                 add("experts_oracle", score_adapters(model_dir, experts, mixed, lambda d: d, conflict))
                 methods["experts_oracle"]["trained"] = {
-                    "steps": f"{rounds} rounds x {preset.local_steps} local steps", "rank": "the domain's largest site rank",
+                    "steps": f"{rounds} rounds x {preset.local_steps}", "rank": "the domain's largest site rank",
                     "data": "the domain's sites, federated"}
             if baselines:
                 add("fedavg_single", score_adapters(model_dir, {"all": out_dir / "baselines/fedavg_single"}, mixed,
                                                     lambda d: "all", conflict))
                 methods["fedavg_single"]["trained"] = {
-                    "steps": f"{rounds} rounds x {preset.local_steps} local steps", "rank": "the largest site rank",
+                    "steps": f"{rounds} rounds x {preset.local_steps}", "rank": "the largest site rank",
                     "data": "every site, federated"}
         if moe and len(experts) > 1:
             from fedmoe.simulations.moe_report import moe_methods
@@ -343,11 +343,11 @@ def report_table(report: dict) -> str:
 
 
 def trained_text(entry: dict) -> str:
-    """`trained` as "steps · rank r · data", or a static merge's tuned parameters."""
+    """`trained` as "steps N · rank r · data", or a static merge's tuned parameters."""
     if "trained" in entry:
         t = entry["trained"]
         rank = t["rank"] if isinstance(t["rank"], str) else f"rank {t['rank']}"
-        return f"{t['steps']} steps · {rank} · {t['data']}"
+        return f"steps {t['steps']} · {rank} · {t['data']}"
     if "params" in entry:
         return "tuned on site eval data: " + ", ".join(f"{k} {v:g}" for k, v in entry["params"].items())
     return ""
