@@ -67,6 +67,20 @@ def decoder_layers(model):
 
 
 @torch.no_grad()
+def layer_inputs(model, layers, input_ids: torch.Tensor, attention_mask: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+    """The input of each of `layers` (modules inside the first `blocks` decoder blocks)
+    during one base-model forward of the prompts: what the zero-shot gates route on."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0]))
+               for i, m in enumerate(layers)]
+    try:
+        hidden_states_at(model, input_ids, attention_mask, blocks)  # base forward through those blocks
+    finally:
+        for h in handles:
+            h.remove()
+    return [captured[i] for i in range(len(layers))]
+
+
 def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
     """Base-model hidden states [n, t, h] after `layer` blocks (0 = embeddings), running
     only as much of the forward as needed."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.features import decoder_layers, hidden_states_at
+from fedmoe.shared.features import decoder_layers, layer_inputs
 
 ROUTER = "arrow_router"
 
@@ -69,14 +69,7 @@ class ArrowGate:
         served = self.served
         ids, mask = served.featurizer.tokenize(prompts)
         ids, mask = ids.to(served.device), mask.to(served.device)
-        captured: dict[int, torch.Tensor] = {}
-        handles = [m.register_forward_pre_hook(lambda mod, args, i=i: captured.__setitem__(i, args[0]))
-                   for i, m in enumerate(self.layers)]
-        try:
-            hidden_states_at(served.model, ids, mask, self.blocks)  # base forward through the routed blocks
-        finally:
-            for h in handles:
-                h.remove()
+        captured = layer_inputs(served.model, self.layers, ids, mask, self.blocks)
         m = mask.unsqueeze(-1).float()
         total = torch.zeros(len(prompts), len(self.experts), device=served.device)
         for i, module in enumerate(self.layers):
