@@ -1,15 +1,19 @@
 """Helpers for the tests that run real Flower daemons (`fedmoe coordinator start`,
 `fedmoe site start`) on 127.0.0.1: free ports, and `fedmoe ...` subprocesses in their
-own session with their output in a log file, stopped (whole tree) at teardown."""
+own session with their output in a log file, stopped (whole tree) at teardown; and `fedmoe serve` as a subprocess (`fedmoe_serve`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 
 def free_port() -> int:
@@ -49,3 +53,32 @@ class Proc:
         from fedmoe.shared.processes import stop_group
 
         stop_group(self.popen, grace=10)
+
+
+@contextlib.contextmanager
+def fedmoe_serve(run: Path, *extra: str):
+    """`fedmoe serve --run RUN --host 127.0.0.1 --grpc-port 0 --json [extra]` as a
+    subprocess: yields its printed JSON info, stops it afterwards (bounded)."""
+    import json
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", "serve", "--run", str(run),
+                             "--host", "127.0.0.1", "--grpc-port", "0", "--json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    try:
+        lines = []
+        for line in proc.stdout:  # the JSON object ends with a lone "}"
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        if not lines or lines[-1].rstrip() != "}":
+            proc.kill()
+            pytest.fail("fedmoe serve did not start: " + proc.stderr.read()[-2000:])
+        yield json.loads("".join(lines))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -5,12 +5,10 @@ reflection; and `fedmoe ask` as its client."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import grpc
 import pytest
+from deploy_helpers import fedmoe_serve
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +18,8 @@ def run_dir(served_run):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", "serve", "--run", str(run_dir),
-                             "--host", "127.0.0.1", "--grpc-port", "0", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
-    lines = []
-    for line in proc.stdout:  # the JSON object ends with a lone "}"
-        lines.append(line)
-        if line.rstrip() == "}":
-            break
-    if not lines or lines[-1].rstrip() != "}":
-        proc.kill()
-        pytest.fail("fedmoe serve did not start: " + proc.stderr.read()[-2000:])
-    info = json.loads("".join(lines))
-    yield info
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with fedmoe_serve(run_dir) as info:
+        yield info
 
 
 class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor):

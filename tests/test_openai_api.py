@@ -7,14 +7,12 @@ experts that gives each request what its expert gives it alone."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from concurrent import futures
 
 import pytest
+from deploy_helpers import fedmoe_serve
 
 openai = pytest.importorskip("openai")
 
@@ -27,27 +25,8 @@ def api(served_run, tmp_path_factory):
     """`fedmoe serve --http-port 0` as a subprocess, keyed from --api-key-file."""
     keys = tmp_path_factory.mktemp("keys") / "api-keys.txt"
     keys.write_text(f"# one key a line\n{KEY}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", "serve", "--run", str(served_run),
-                             "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
-                             "--api-key-file", str(keys), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
-    lines = []
-    for line in proc.stdout:  # the JSON object ends with a lone "}"
-        lines.append(line)
-        if line.rstrip() == "}":
-            break
-    if not lines or lines[-1].rstrip() != "}":
-        proc.kill()
-        pytest.fail("fedmoe serve did not start: " + proc.stderr.read()[-2000:])
-    info = json.loads("".join(lines))
-    yield info
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with fedmoe_serve(served_run, "--http-port", "0", "--api-key-file", str(keys)) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")
