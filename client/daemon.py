@@ -25,7 +25,7 @@ import grpc
 
 from fedmoe.protos import site_daemon_pb2, site_daemon_pb2_grpc
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.network import is_loopback_host, split_host_port  # noqa: F401 (re-exported)
+from fedmoe.shared.network import is_loopback_host, split_host_port
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # adapters of large models are far over gRPC's 4 MB default
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

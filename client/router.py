@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.features import LinearRouter, PromptFeaturizer, record_prompt  # noqa: F401
+from fedmoe.shared.features import LinearRouter, PromptFeaturizer, record_prompt
 from fedmoe.shared.training import collate, encode_record, pads_left, score_batch
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -68,7 +69,7 @@ def leaves(cls, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], datac
 def _base_type(tp):
     """int for `int`, float for `float | None`, tuple for `tuple[int, ...]`."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0])
     return origin or tp

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.network import free_port  # noqa: F401
-from fedmoe.shared.processes import die_with_parent, stop_group  # noqa: F401
+from fedmoe.shared.network import free_port
+from fedmoe.shared.processes import die_with_parent, stop_group
 
 
 def log(text: str) -> None:
