@@ -43,13 +43,29 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         pass
 
 
-def die_with_parent() -> None:
-    """For Popen(preexec_fn=...): the child gets SIGTERM if this process dies, even by SIGKILL
-    (Linux), so a killed `fedmoe site start` / coordinator leaves no Flower daemon behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+# The child sets PR_SET_PDEATHSIG on itself and then execs the real command. This is not
+# done in Popen(preexec_fn=...): preexec_fn runs Python in the forked child, and in a parent
+# with gRPC, torch or uvicorn threads running, that child can deadlock before exec (CPython
+# documents preexec_fn as unsafe with threads). A site's SuperNode was seen never to start
+# that way on a loaded 2-core CI machine. The wrapper checks the parent it was given is still
+# its parent, because the parent could die between fork and prctl.
+_BOUND_TO_PARENT = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, 15)\n"  # PR_SET_PDEATHSIG, SIGTERM
+    "if os.getppid() != int(sys.argv[1]): sys.exit(143)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def popen_bound_to_parent(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(cmd, **kwargs), except that on Linux the child gets SIGTERM if this
+    process dies, even by SIGKILL, so a killed `fedmoe site start` / coordinator leaves no
+    Flower daemon behind. Elsewhere it is plain Popen."""
+    if "preexec_fn" in kwargs:
+        raise TypeError("popen_bound_to_parent does not take preexec_fn (unsafe with threads)")
+    if sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-S", "-c", _BOUND_TO_PARENT, str(os.getpid()), *map(str, cmd)]
+    return subprocess.Popen(cmd, **kwargs)
 
 
 def _group(pgid: int) -> list:

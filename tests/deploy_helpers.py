@@ -49,6 +49,9 @@ class Proc:
             time.sleep(0.2)
         raise AssertionError(f"{self.name}: no {pattern!r} within {timeout:.0f}s; log tail:\n{self.text()[-3000:]}")
 
+    def tail(self, chars: int = 1500) -> str:
+        return f"--- {self.name} ---\n{self.text()[-chars:]}"
+
     def stop(self) -> None:
         from fedmoe.shared.processes import stop_group
 

@@ -80,7 +80,7 @@ def test_two_sites_two_rounds(deployment):
     try:
         assert store.run()["state"] == "finished"
         assert [r["state"] for r in store.rounds()] == ["committed", "committed"]
-        assert len(store.sites()) == 2
+        assert len(store.sites()) == 2, "\n".join(p.tail() for p in d["sites"].values())
         rows = store.db.execute("SELECT round, expert, status FROM participation ORDER BY round, expert").fetchall()
     finally:
         store.close()

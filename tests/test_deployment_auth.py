@@ -156,7 +156,8 @@ def test_unregistered_site_is_refused(auth_deployment):
     assert "No SuperNode found with the given public key" in (d["out"] / "superlink.log").read_text(errors="replace")
     store = RunStore(d["out"], readonly=True)
     try:
-        assert [s["site"] for s in store.sites()] == sorted(REGISTERED)  # the stranger never reached the ServerApp
+        # The stranger never reached the ServerApp.
+        assert [s["site"] for s in store.sites()] == sorted(REGISTERED), "\n".join(p.tail() for p in d["sites"].values())
     finally:
         store.close()
     assert all(d["still_up"].values())  # the registered sites stay connected, ready for the next run

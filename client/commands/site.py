@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.shared.network import free_port
-from fedmoe.shared.processes import die_with_parent, stop_group
+from fedmoe.shared.processes import popen_bound_to_parent, stop_group
 
 
 def log(text: str) -> None:
@@ -134,7 +133,7 @@ def cmd_site_start(args) -> int:
         # The SuperNode's SuperExec polls for a message to run every 1 s by default; a poll is
         # one local HTTP call, so polling faster costs little and starts each round sooner.
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
-        supernode = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+        supernode = popen_bound_to_parent(cmd, env=env, start_new_session=True)
         log(f"SuperNode (pid {supernode.pid}) connecting to {args.superlink}")
         code = supernode.wait()
         log(f"SuperNode exited with status {code}; stopping the site daemon")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmoe.shared.network import is_loopback_host
-from fedmoe.shared.processes import die_with_parent
+from fedmoe.shared.processes import popen_bound_to_parent
 from fedmoe.shared.processes import stop_group as stop_tree
 from fedmoe.server.federation.run_config import deployed_run_config
 from fedmoe.shared.errors import FedmoeError
@@ -225,21 +225,19 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
     status = "unknown"
     try:
         with open(superlink_log, "ab") as f:
-            superlink = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=die_with_parent)
+            superlink = popen_bound_to_parent(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         log(f"SuperLink (pid {superlink.pid}) starting; Control, Runtime and Fleet APIs on {control} (loopback only); "
             f"log: {superlink_log}")
         wait_listening("127.0.0.1", inner_port, superlink, 120, superlink_log)
         with open(gate_log, "ab") as f:
-            gate = subprocess.Popen(gate_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=die_with_parent)
+            gate = popen_bound_to_parent(gate_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         wait_listening(connect_host, port, gate, 60, gate_log, name="the fleet gate")
         log(f"Fleet API for the sites on {host}:{port} (pid {gate.pid}; nothing else is served there)")
         for key in sec.site_keys:
             flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env, what=f"registering {key}")
-        runner = subprocess.Popen(["flwr", "run", str(app), CONNECTION, "--run-config", str(home / "run-config.toml"), "--stream"],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                  start_new_session=True, preexec_fn=die_with_parent)
+        runner = popen_bound_to_parent(["flwr", "run", str(app), CONNECTION, "--run-config", str(home / "run-config.toml"), "--stream"],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                       start_new_session=True)
         run_log = out / "coordinator.log"
         found: dict = {}
         reader = threading.Thread(target=_pump, args=(runner, run_log, echo, found), daemon=True)
