@@ -84,13 +84,16 @@ def test_serve_gives_a_routed_answer_through_the_stub(server, stub, suite_dir):
     assert server["address"].startswith("127.0.0.1:") and server["port"] > 0
     assert set(server["gates"]) == {"arrow", "smile", "prototype"} and server["default_gate"] == "prototype"
     records = load_mixed_eval(suite_dir)[:6]
+    routed = []
     for r in records:
         route = stub.Route(pb.RouteRequest(prompt=r.prompt), timeout=60)
         assert route.gate == "prototype"
-        assert [e.expert for e in route.experts][0] == r.domain  # routed to its own domain
+        routed.append(route.experts[0].expert)
         assert abs(sum(e.weight for e in route.experts) - 1) < 1e-4
+    # A trained gate, so not perfect: most prompts go to their own domain.
+    assert sum(e == r.domain for e, r in zip(routed, records)) >= 5, list(zip(routed, [r.domain for r in records]))
     reply = stub.Generate(pb.GenerateRequest(prompt=records[0].prompt, max_new_tokens=6), timeout=60)
-    assert reply.gate == "prototype" and len(reply.experts) == 1 and reply.experts[0].expert == records[0].domain
+    assert reply.gate == "prototype" and len(reply.experts) == 1 and reply.experts[0].expert == routed[0]
     assert isinstance(reply.text, str)
     arrow = stub.Generate(pb.GenerateRequest(prompt=records[0].prompt, max_new_tokens=3, gate="arrow", top_k=2), timeout=60)
     assert arrow.gate == "arrow" and 1 <= len(arrow.experts) <= 2
@@ -101,10 +104,13 @@ def test_concurrent_requests_are_batched_and_all_answered(stub, suite_dir):
     from fedmoe.shared.data import load_mixed_eval
 
     records = load_mixed_eval(suite_dir)[:12]
-    calls = [stub.Generate.future(pb.GenerateRequest(prompt=r.prompt, max_new_tokens=2 + i % 3), timeout=120)
-             for i, r in enumerate(records)]
+    requests = [pb.GenerateRequest(prompt=r.prompt, max_new_tokens=2 + i % 3) for i, r in enumerate(records)]
+    alone = [stub.Generate(q, timeout=60) for q in requests]
+    calls = [stub.Generate.future(q, timeout=120) for q in requests]
     replies = [c.result() for c in calls]
-    assert [r.experts[0].expert for r in replies] == [r.domain for r in records]
+    # Batched together, each request gets exactly what it gets alone: same expert, same tokens.
+    assert [(r.experts[0].expert, r.text) for r in replies] == [(r.experts[0].expert, r.text) for r in alone]
+    assert len({r.experts[0].expert for r in replies}) > 1  # a mixed-expert batch, not one expert for all
 
 
 @pytest.mark.parametrize("request_kwargs, code, words", [

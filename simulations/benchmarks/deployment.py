@@ -7,6 +7,8 @@ runs three ways, one after the other on this machine:
 - `deployed`: `fedmoe coordinator start` + two `fedmoe site start` on 127.0.0.1: a
   SuperLink, SuperNodes, a fresh ClientApp process per message that forwards to the
   site daemon holding the model;
+- `deployed-flower-poll`: the same as `deployed` with the SuperNode polling at Flower's
+  own fixed 3 s (`--poll-interval 3`), the cost fedmoe's shorter poll removes;
 - `deployed-no-daemon`: the same SuperLink, but bare `flower-supernode`s given
   `data-path`: each message's ClientApp process imports torch and loads the model.
 
@@ -15,6 +17,8 @@ training time (what the site's trainer measured), i.e. everything that is not tr
 
     fedmoe bench deployment                       # 3 rounds, 1 local step
     fedmoe bench deployment --modes deployed --rounds 5
+
+`round_vs_simulation` is a mode's mean round wall time over the simulated one's.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from pathlib import Path
 
 from fedmoe.shared.errors import FedmoeError
 
-MODES = ("simulation", "deployed", "deployed-no-daemon")
+MODES = ("simulation", "deployed", "deployed-flower-poll", "deployed-no-daemon")
+FLOWER_POLL_S = 3.0  # Flower 1.42's fixed SuperNode poll (see fedmoe.client.supernode)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="none", help="site quantization: none (default) | nf4")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per mode (default 900)")
+    p.add_argument("--poll-interval", type=float, default=None,
+                   help="the `deployed` sites' SuperNode poll (default: `fedmoe site start`'s own)")
 
 
 def site_latencies(run_dir: Path, work: Path) -> list[dict]:
@@ -114,7 +121,7 @@ def _spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
         return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def run_deployed(suite: Path, model: Path, out: Path, work: Path, args, daemon: bool) -> float:
+def run_deployed(suite: Path, model: Path, out: Path, work: Path, args, daemon: bool, poll: float | None = None) -> float:
     from fedmoe.shared.network import free_port
     from fedmoe.shared.processes import stop_group
     from fedmoe.shared.data import find_sites
@@ -139,6 +146,7 @@ def run_deployed(suite: Path, model: Path, out: Path, work: Path, args, daemon: 
             if daemon:
                 cmd = fedmoe + ["site", "start", "--insecure", "--superlink", f"127.0.0.1:{port}", "--data", str(path),
                                 "--quant", args.quant, "--rank", "4", "--model", str(model), "--work-dir", str(work / f"site-{i}")]
+                cmd += ["--poll-interval", str(poll)] if poll is not None else []
             else:
                 node_config = f"data-path='{path}' quant='{args.quant}' rank=4 model-path='{model}'"
                 cmd = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
@@ -191,7 +199,8 @@ def run(args) -> dict:
             if mode == "simulation":
                 wall = run_simulation(suite, model, out, args)
             else:
-                wall = run_deployed(suite, model, out, work, args, daemon=(mode == "deployed"))
+                poll = FLOWER_POLL_S if mode == "deployed-flower-poll" else args.poll_interval
+                wall = run_deployed(suite, model, out, work, args, daemon=(mode != "deployed-no-daemon"), poll=poll)
             r = round_overheads(out)
             rounds = r["rounds"]
             result["modes"][mode] = {
@@ -201,17 +210,18 @@ def run(args) -> dict:
                 "mean_overhead_s": _mean(x["overhead_s"] for x in rounds),
                 "setup_s": (r["first_round_started"] - r["run_started"]) if r["first_round_started"] else None,
             }
-            if mode == "deployed":
+            if mode in ("deployed", "deployed-flower-poll"):
                 lat = site_latencies(out, work)
                 result["modes"][mode]["latency"] = lat
                 result["modes"][mode]["mean_to_site_s"] = _mean(x["to_site_s"] for x in lat)
                 result["modes"][mode]["mean_from_site_s"] = _mean(x["from_site_s"] for x in lat)
         result["clientapp_imports_s"] = clientapp_import_seconds()
         result["load_avg_after"] = os.getloadavg()[0]
-        base = result["modes"].get("simulation", {}).get("mean_overhead_s")
+        sim = result["modes"].get("simulation", {})
         for mode, m in result["modes"].items():
-            if base and mode != "simulation":
-                m["overhead_vs_simulation"] = m["mean_overhead_s"] / base
+            if sim and mode != "simulation":
+                m["overhead_vs_simulation"] = m["mean_overhead_s"] / sim["mean_overhead_s"]
+                m["round_vs_simulation"] = m["mean_round_s"] / sim["mean_round_s"]
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,14 +230,16 @@ def run(args) -> dict:
 def summary(result: dict) -> str:
     lines = [f"{result['sites']} sites, {result['rounds']} rounds, {result['local_steps']} local step(s), {result['quant']}; "
              f"{result['cpu_count']} CPUs, load average {result['load_avg_before']:.1f} -> {result['load_avg_after']:.1f}",
-             f"{'mode':<20}{'round s':>9}{'train s':>9}{'overhead s':>12}{'per round':>30}"]
+             f"{'mode':<22}{'round s':>9}{'train s':>9}{'overhead s':>12}{'x sim':>7}{'overhead per round':>30}"]
     for mode, m in result["modes"].items():
         per = " ".join(f"{x['overhead_s']:.1f}" for x in m["rounds"])
-        lines.append(f"{mode:<20}{m['mean_round_s']:>9.1f}{m['mean_train_s']:>9.1f}{m['mean_overhead_s']:>12.1f}{per:>30}")
-    if "mean_to_site_s" in result["modes"].get("deployed", {}):
-        m = result["modes"]["deployed"]
-        lines.append(f"deployed: a TRAIN reaches the site daemon {m['mean_to_site_s']:.1f}s after the round starts; "
-                     f"the round ends {m['mean_from_site_s']:.1f}s after the daemon replies")
+        ratio = f"{m['round_vs_simulation']:.2f}" if "round_vs_simulation" in m else "-"
+        lines.append(f"{mode:<22}{m['mean_round_s']:>9.1f}{m['mean_train_s']:>9.1f}{m['mean_overhead_s']:>12.1f}{ratio:>7}{per:>30}")
+    for mode in ("deployed", "deployed-flower-poll"):
+        if "mean_to_site_s" in result["modes"].get(mode, {}):
+            m = result["modes"][mode]
+            lines.append(f"{mode}: a TRAIN reaches the site daemon {m['mean_to_site_s']:.1f}s after the round starts; "
+                         f"the round ends {m['mean_from_site_s']:.1f}s after the daemon replies")
     imp = result["clientapp_imports_s"]
     lines.append(f"ClientApp process imports: shim {imp['shim']:.1f}s, in-process site code {imp['in_process']:.1f}s")
     return "\n".join(lines)
