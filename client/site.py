@@ -2,12 +2,17 @@
 
 The ClientApp (simulation and deployment) and the site daemon call these functions; a
 site's settings come from its Flower node config (`data-path`, `domain`, `rank`,
-`quant`, optional `model-path`). The trained model and the data are cached per process,
-so a long-lived process (simulation actor, site daemon) loads the base model once.
+`quant`, optional `model-path`). The trainer is cached per process by (model, quant,
+rank), never per site, so a long-lived process (simulation actor, site daemon) loads the
+base model once and serves every site it is given. A site's data is read when a message
+for it arrives and only the last `SITE_CACHE_SIZE` sites' data is kept: a simulation actor
+that serves 1,000 sites holds a few sites' records, not all of them; a site daemon (one
+site) reads its data once.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +38,22 @@ class SiteSettings:
                    str(cfg.get("quant", "nf4")), cfg.get("model-path") or None)
 
 
+SITE_CACHE_SIZE = 2  # a message's TRAIN then EVALUATE of one site reads its data once
+
 _trainers: dict = {}
-_sites: dict = {}
+_sites: OrderedDict = OrderedDict()  # (data path, domain) -> Site, least recently used first
 _feedback: dict = {}  # (data path, expert) -> ErrorFeedback: int8 residuals kept between rounds
 
 
 def site_data(settings: SiteSettings) -> Site:
     key = (settings.data_path, settings.domain)
-    if key not in _sites:
-        _sites[key] = load_site(settings.data_path, settings.domain)
-    return _sites[key]
+    if key in _sites:
+        _sites.move_to_end(key)
+        return _sites[key]
+    site = _sites[key] = load_site(settings.data_path, settings.domain)
+    while len(_sites) > SITE_CACHE_SIZE:
+        _sites.popitem(last=False)
+    return site
 
 
 def trainer_for(settings: SiteSettings):

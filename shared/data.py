@@ -141,6 +141,34 @@ def load_site(path: str | Path, domain: str | None = None) -> Site:
     )
 
 
+@dataclass(frozen=True)
+class SiteRef:
+    """A site folder known by its domain (site.toml) alone: what a coordinator needs to
+    plan a federation of thousands of sites without holding their records."""
+
+    path: Path
+    domain: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def load(self) -> Site:
+        return load_site(self.path, self.domain)
+
+
+def site_ref(path: str | Path) -> SiteRef:
+    """The site's domain, and its train file checked to exist, without reading a record
+    (a malformed record is found by the site, which is then refused with the reason)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FedmoeError(f"site data folder not found: {path}")
+    domain = read_site_settings(path)["domain"]
+    if not (path / "train.jsonl").is_file():
+        raise FedmoeError(f"data file not found: {path / 'train.jsonl'}")
+    return SiteRef(path, domain)
+
+
 def find_sites(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():

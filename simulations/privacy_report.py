@@ -60,6 +60,7 @@ def membership_inference(model_dir, sites, experts: dict[str, Path]) -> dict:
     """Loss-threshold attack: AUC of -loss separating a site's training records (members)
     from its held-out records (non-members) under the site's domain expert. 0.5 = no signal."""
     from fedmoe.server.federation.privacy import loss_threshold_auc, record_losses
+    from fedmoe.shared.data import load_site
     from fedmoe.shared.modeling import load_adapter, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -67,8 +68,11 @@ def membership_inference(model_dir, sites, experts: dict[str, Path]) -> dict:
     for name, path in experts.items():
         model = load_adapter(model or load_base_model(model_dir, "none"), path, adapter_name=name)
     per_site = {}
-    for s in sites:
-        if s.domain not in experts or not s.eval:
+    for ref in sites:
+        if ref.domain not in experts:
+            continue
+        s = load_site(ref.path, ref.domain)  # one site's records at a time
+        if not s.eval:
             continue
         model.set_adapter(s.domain)
         members, nonmembers = record_losses(model, tokenizer, s.train), record_losses(model, tokenizer, s.eval)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedmoe.shared.data import find_sites, load_conflict_eval, load_mixed_eval, load_site
+from fedmoe.shared.data import find_sites, load_conflict_eval, load_mixed_eval, site_ref
 from fedmoe.shared.errors import FedmoeError
 from fedmoe.server.federation.run_config import StrategyConfig
 from fedmoe.shared.config import from_json, option, to_json
@@ -86,6 +86,15 @@ def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
     if "experts" not in results:
         raise FedmoeError(f"the federation did not finish; see the log above and {plan.out_dir}/run.db")
     return results
+
+
+def site_plan_for(sites, preset: SimPreset, model_dir, chaos: str | None = None) -> list[dict]:
+    """Each virtual node's settings (its node config), by partition id: ranks cycled over the sites."""
+    plan = [{"data-path": str(s.path), "domain": s.domain, "rank": preset.ranks[i % len(preset.ranks)],
+             "quant": preset.quant, "model-path": str(model_dir)} for i, s in enumerate(sites)]
+    for entry in plan if chaos else ():
+        entry["chaos"] = chaos
+    return plan
 
 
 def score_adapters(model_dir: Path, adapters: dict[str, Path], mixed, route, conflict=()) -> dict[str, dict]:
@@ -198,18 +207,14 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "simulate.json").write_text(json.dumps(to_json(run), indent=2))
     suite = prepare_suite(preset, data_dir)
-    sites = [load_site(p) for p in find_sites(suite)]
+    sites = [site_ref(p) for p in find_sites(suite)]  # domains only: the actors read a site's records
     mixed = load_mixed_eval(suite)
     conflict = load_conflict_eval(suite)  # [] for the synthetic suite
     metric = headline_metric(mixed)
     unknown = sorted({r.domain for r in mixed} - {s.domain for s in sites})
     if unknown:
         raise FedmoeError(f"{suite}/mixed-eval.jsonl has domain {unknown[0]!r} that no site holds")
-    site_plan = [{"data-path": str(s.path), "domain": s.domain, "rank": preset.ranks[i % len(preset.ranks)],
-                  "quant": preset.quant, "model-path": str(model_dir)} for i, s in enumerate(sites)]
-    if chaos:
-        for entry in site_plan:
-            entry["chaos"] = chaos
+    site_plan = site_plan_for(sites, preset, model_dir, chaos)
     plan = FederationPlan(model_dir=str(model_dir), out_dir=str(out_dir), rounds=rounds, strategy=strategy,
                           expected_nodes=len(sites), preset=preset_name, resume=resume)
     stages = StageClock()
@@ -257,7 +262,7 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
             from fedmoe.simulations.moe_report import moe_methods
 
             with stages("moe"):
-                moe_results = moe_methods(model_dir, experts, mixed, sites, seed=preset.seed, gate_dir=out_dir / "gates",
+                moe_results = moe_methods(model_dir, experts, mixed, [s.load() for s in sites], seed=preset.seed, gate_dir=out_dir / "gates",
                                           router_max_records=64, router_rounds=preset.router_rounds,
                                           latency_requests=preset.latency_requests, progress=log, conflict_eval=conflict)
             for name, entry in moe_results.items():

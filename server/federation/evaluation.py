@@ -1,7 +1,7 @@
 """Federated evaluation: each round's experts scored by the sites on their own eval splits.
 
-After a round is aggregated, every expert's sites get an EVALUATE message carrying the
-expert (sliced to the site's rank, as in TRAIN); each site scores it on its `eval.jsonl`
+After a round is aggregated, every expert's sites sampled that round (all of them at
+fraction 1) get an EVALUATE message carrying the expert (sliced to the site's rank, as in TRAIN); each site scores it on its `eval.jsonl`
 and replies with `num-examples`, `eval-accuracy` and `eval-loss` only (nothing else
 leaves the site). The coordinator takes the example-weighted mean per expert; the
 numbers go into the round's metrics (`eval_accuracy`, `eval_loss`, `eval_examples`),
@@ -32,10 +32,12 @@ def evaluate_round(grid, strategy, rnd: int, send_round, progress=None, skip=fro
     nodes in `skip` (those that failed this round) are not asked."""
     sent = []
     for expert, nodes in strategy.groups().items():
-        for node in nodes:
-            if node.node_id in skip:
-                continue
-            arrays, meta, _ = compression.encode(strategy.expert_for_rank(expert, node.rank), "none")
+        # the round's sampled sites (every site at fraction 1): a round's cost follows the
+        # sites sampled, not the federation's size
+        asked = [n for n in strategy.sample(nodes, rnd, expert) if n.node_id not in skip]
+        adapters = strategy.adapters_by_rank(expert, (n.rank for n in asked))
+        for node in asked:
+            arrays, meta, _ = compression.encode(adapters[node.rank], "none")
             meta["expert"], meta["round"] = expert, rnd
             msg = Message(RecordDict({"arrays": arrays, "config": meta}), dst_node_id=node.node_id, message_type="evaluate")
             sent.append((expert, node, msg))

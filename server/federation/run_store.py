@@ -31,6 +31,17 @@ CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER, expert TEXT, path TEXT, s
     PRIMARY KEY (round, expert));
 """
 
+# The per-site and per-round reads (dashboard sites table, `fedmoe status`, round pages,
+# resume's discard_after) stay index lookups at thousands of sites x rounds.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS participation_by_round ON participation (round, site);
+CREATE INDEX IF NOT EXISTS participation_by_site ON participation (site, round);
+CREATE INDEX IF NOT EXISTS metrics_by_round ON metrics (round, expert);
+CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (name, round);
+CREATE INDEX IF NOT EXISTS rejections_by_round ON rejections (round);
+CREATE INDEX IF NOT EXISTS rejections_by_site ON rejections (site);
+"""
+
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -50,7 +61,7 @@ class RunStore:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(SCHEMA)
+            self.db.executescript(SCHEMA + INDEXES)  # IF NOT EXISTS: an older run.db gains them on open
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
