@@ -18,6 +18,9 @@ def register(sub) -> None:
                                      "computing,networking,telecom): comma-separated names")
     p.add_argument("--sites", type=int, default=8, help="synthetic: number of sites (default 8)")
     p.add_argument("--sites-per-domain", type=int, default=2, help="wordnet, foldoc: sites per domain (default 2)")
+    p.add_argument("--size-skew", type=float, default=0.0, metavar="SIGMA",
+                   help="synthetic: lognormal spread of examples per site (sigma, mean 1; 0 = the four fixed sizes; "
+                        "1 = a few large sites and many small ones)")
     p.add_argument("--terms-per-domain", type=int, default=120, help="wordnet, foldoc: terms per domain (default 120)")
     p.add_argument("--seed", type=int, default=0)
     add_json_flag(p)
@@ -47,8 +50,11 @@ def cmd_make_suite(args) -> int:
         from fedmoe.simulations.domain_suite import make_suite
 
         domains = args.domains or "4"
-        summary = make_suite(args.out, int(domains) if domains.isdigit() else domains.split(","), args.sites, args.seed)
+        summary = make_suite(args.out, int(domains) if domains.isdigit() else domains.split(","), args.sites, args.seed,
+                             size_skew=args.size_skew)
     else:
+        if args.size_skew:
+            raise FedmoeError(f"--size-skew applies to the synthetic suite, not --source {args.source}")
         from fedmoe.simulations.foldoc_suite import make_foldoc_suite
         from fedmoe.simulations.wordnet_suite import make_wordnet_suite
 

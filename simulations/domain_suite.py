@@ -10,7 +10,12 @@ to learn from the domain's sites. Design points:
   documents) in shared templates;
 - **held-out phrasing**: evaluation uses templates never used for training;
 - **non-IID sites**: each site covers one sub-topic fully and a sample of the rest,
-  with unequal sizes, so no single site knows its whole domain.
+  with unequal sizes, so no single site knows its whole domain;
+- **size skew at scale** (`size_skew` = σ > 0, for suites of hundreds of sites): each
+  site's examples per fact are drawn from a lognormal of mean 1 (`train_per_fact` x
+  exp(N(-σ²/2, σ²)), at least 1), so a few sites hold much of a domain's data and many
+  hold little, as in cross-device federations; σ = 1 gives a largest/median site of
+  about 5-10x at 500 sites a domain. Seeded like the rest: one seed, one suite.
 """
 
 from __future__ import annotations
@@ -67,8 +72,19 @@ def render(fact: Fact, template: str, rng: random.Random) -> dict:
     return {"prompt": prompt, "completion": " " + fact.answer}
 
 
-def make_suite(out: str | Path, domains: int | list[str] = 4, sites: int = 8, seed: int = 0, train_per_fact: int = 8, eval_per_fact: int = 2) -> dict:
-    """Write the suite; return a summary {sites: [...], domains: [...], mixed_eval: n}."""
+MAX_SIZE_SKEW = 3.0  # σ beyond this puts nearly all of a domain's data on one site
+
+
+def site_size_factor(rng: random.Random, sigma: float) -> float:
+    """A lognormal factor of mean 1 (μ = -σ²/2)."""
+    return rng.lognormvariate(-sigma * sigma / 2, sigma)
+
+
+def make_suite(out: str | Path, domains: int | list[str] = 4, sites: int = 8, seed: int = 0, train_per_fact: int = 8,
+               eval_per_fact: int = 2, size_skew: float = 0.0) -> dict:
+    """Write the suite; return a summary {sites: [...], domains: [...], mixed_eval: n}.
+    `size_skew` > 0: lognormal site sizes (see the module docstring); 0: the four fixed
+    size factors, drawn so that a domain's first sites differ."""
     names = list(DOMAINS)[:domains] if isinstance(domains, int) else list(domains)
     if isinstance(domains, int) and not 1 <= domains <= len(DOMAINS):
         raise FedmoeError(f"--domains must be between 1 and {len(DOMAINS)}, got {domains}")
@@ -77,11 +93,15 @@ def make_suite(out: str | Path, domains: int | list[str] = 4, sites: int = 8, se
         raise FedmoeError(f"unknown domain {unknown[0]!r}: known domains are {', '.join(DOMAINS)}")
     if sites < len(names):
         raise FedmoeError(f"--sites ({sites}) must be at least the number of domains ({len(names)})")
+    if not 0.0 <= size_skew <= MAX_SIZE_SKEW:
+        raise FedmoeError(f"--size-skew must be between 0 and {MAX_SIZE_SKEW:g} (lognormal sigma), got {size_skew}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    size_rng = random.Random(f"{seed}/site-sizes")  # its own stream: σ changes sizes, not which facts a site covers
+    width = max(2, len(str(sites - 1)))  # site-00 .. site-99 as before; site-000 .. at 101+ sites, so names sort
     facts = domain_facts(names, seed)
-    summary = {"domains": names, "sites": [], "seed": seed}
+    summary = {"domains": names, "sites": [], "seed": seed, "size_skew": size_skew}
     per_domain_index: dict[str, int] = {d: 0 for d in names}
     used_sizes: dict[str, set[float]] = {}
     for s in range(sites):
@@ -99,13 +119,15 @@ def make_suite(out: str | Path, domains: int | list[str] = 4, sites: int = 8, se
             i = SIZE_FACTORS.index(size_factor)
             size_factor = next(f for f in SIZE_FACTORS[i:] + SIZE_FACTORS[:i] if f not in taken)
         taken.add(size_factor)
+        if size_skew > 0:
+            size_factor = site_size_factor(size_rng, size_skew)
         n_train = max(1, round(train_per_fact * size_factor))
         train, evals = [], []
         for f in covered:
             train += [render(f, TRAIN_TEMPLATES[rng.randrange(len(TRAIN_TEMPLATES))], rng) for _ in range(n_train)]
             evals += [render(f, EVAL_TEMPLATES[i % len(EVAL_TEMPLATES)], rng) for i in range(eval_per_fact)]
         rng.shuffle(train)
-        site_dir = out / f"site-{s:02d}"
+        site_dir = out / f"site-{s:0{width}d}"
         site_dir.mkdir(exist_ok=True)
         write_jsonl(site_dir / "train.jsonl", train)
         write_jsonl(site_dir / "eval.jsonl", evals)

@@ -14,11 +14,13 @@ Routes (GET only; every one needs the bearer token):
     /static/...           the page's JS/CSS, and plotly.min.js from the installed plotly wheel
     /api/run              overview: state, rounds, elapsed, estimated time left
     /api/rounds           per-round metrics per expert, bytes, rejections
-    /api/sites            the sites table
+    /api/sites            the sites table, one page: ?limit=N (default 100, at most 1000) &offset=M, by
+                          site name; the X-Total-Count header carries the number of sites
     /api/experts          per-layer update norms of each expert's latest checkpoint, routing share
     /api/accuracy         per-round accuracy if recorded, else report.json's final accuracies
     /api/privacy          DP spend by round (once sites record it)
-    /api/rejections       every rejected update with its reason
+    /api/rejections       rejected updates with their reasons, one page (?limit, ?offset as for sites)
+                          counted from the newest, shown oldest first; X-Total-Count: all of them
     /api/events           server-sent events: one `snapshot`, then one event per change
 
 The token is accepted as `Authorization: Bearer T`, as the `fedmoe_token_<port>` cookie that a
@@ -54,6 +56,7 @@ PRIVACY_METRICS = ("epsilon", "dp_epsilon", "dp_delta", "noise_multiplier", "cli
 ACCURACY_METRICS = ("eval_accuracy", "accuracy", "val_accuracy")
 ROUTING_METRIC = "routing_share"
 COOKIE = "fedmoe_token"
+PAGE_LIMIT, MAX_PAGE_LIMIT = 100, 1000  # rows an API page lists unasked, and at most
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # as shared/delta.py (not imported: it pulls in torch)
 
 
@@ -199,7 +202,8 @@ class RunView:
         return out
 
     # -- sites -----------------------------------------------------------------------------------
-    def sites(self) -> list[dict]:
+    def sites(self, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """The sites table by site name; `limit` rows from `offset` (None: every site)."""
         with self._db() as db:
             if db is None:
                 return []
@@ -209,12 +213,16 @@ class RunView:
             q = f"""SELECT s.*, COUNT(DISTINCT CASE WHEN p.status = 'ok' THEN p.round END) AS rounds_joined,
                           COALESCE(SUM(CASE WHEN p.status = 'failed' THEN 1 ELSE 0 END), 0) AS failures,
                           COALESCE(SUM(p.bytes_in), 0) AS bytes_sent, COALESCE(SUM(p.bytes_out), 0) AS bytes_received
-                   FROM sites s LEFT JOIN participation p ON p.{key} = s.{key} GROUP BY s.{key} ORDER BY s.site"""
-            rows = [dict(r) for r in db.execute(q)]
+                   FROM sites s LEFT JOIN participation p ON p.{key} = s.{key} GROUP BY s.{key} ORDER BY s.site
+                   LIMIT ? OFFSET ?"""
+            rows = [dict(r) for r in db.execute(q, (-1 if limit is None else limit, offset))]
             # A rejection is recorded both in `rejections` and as a participation row with status
             # 'rejected'; count the rejections table, which every rejection reaches.
             rkey = key if key in _columns(db, "rejections") else "node_id"
-            rejected = {str(r[0]): int(r[1]) for r in db.execute(f"SELECT {rkey}, COUNT(*) FROM rejections GROUP BY {rkey}")}
+            wanted = [str(r[rkey]) for r in rows]
+            rejected = {str(r[0]): int(r[1]) for r in db.execute(
+                f"SELECT {rkey}, COUNT(*) FROM rejections WHERE {rkey} IN (SELECT value FROM json_each(?)) GROUP BY {rkey}",
+                (json.dumps(wanted),))}
         return [{"node_id": str(r["node_id"]), "site": r["site"] or "", "domain": r["domain"] or "", "rank": int(r["rank"] or 0),
                  "fingerprint": r["fingerprint"] or "", "num_examples": int(r["num_examples"] or 0),
                  "first_seen": _num(r["first_seen"]), "last_seen": _num(r["last_seen"]),
@@ -222,9 +230,21 @@ class RunView:
                  "rejections": rejected.get(str(r[rkey]), 0),
                  "bytes_sent": int(r["bytes_sent"] or 0), "bytes_received": int(r["bytes_received"] or 0)} for r in rows]
 
-    def rejections(self) -> list[dict]:
+    def rejections(self, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """Rejected updates oldest first; `limit` of them, `offset` counted back from the newest
+        (None: every one)."""
         with self._db() as db:
-            return [] if db is None else [dict(r) for r in db.execute("SELECT * FROM rejections ORDER BY round")]
+            if db is None:
+                return []
+            rows = db.execute("SELECT * FROM rejections ORDER BY round DESC, rowid DESC LIMIT ? OFFSET ?",
+                              (-1 if limit is None else limit, offset))
+            return [dict(r) for r in rows][::-1]
+
+    def count(self, table: str) -> int:
+        """Rows of the run store's `sites` or `rejections` table (an API page's X-Total-Count)."""
+        assert table in ("sites", "rejections")
+        with self._db() as db:
+            return 0 if db is None else int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
     # -- experts ---------------------------------------------------------------------------------
     def experts(self) -> dict:
@@ -507,10 +527,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send_json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
             if path == "/api/events":
                 return self._events()
-            api = self.dashboard.api(path)
+            try:
+                api = self.dashboard.api(path, parse_qs(urlsplit(self.path).query))
+            except FedmoeError as exc:
+                return self._send_json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
             if api is None:
                 return self._send_json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
-            return self._send_json(api(), extra=extra)
+            body, headers = api()
+            return self._send_json(body, extra=extra | headers)
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as exc:
@@ -564,6 +588,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
 
+def page_args(query: dict) -> tuple[int, int]:
+    """(limit, offset) from a parsed query string: whole numbers, limit 1..MAX_PAGE_LIMIT."""
+    out = []
+    for name, default, low in (("limit", PAGE_LIMIT, 1), ("offset", 0, 0)):
+        raw = (query.get(name) or [str(default)])[-1]
+        if not raw.isdigit() or int(raw) < low or (name == "limit" and int(raw) > MAX_PAGE_LIMIT):
+            bound = f"between 1 and {MAX_PAGE_LIMIT}" if name == "limit" else "a whole number >= 0"
+            raise FedmoeError(f"?{name} must be {bound}, got {raw[:40]!r}")
+        out.append(int(raw))
+    return out[0], out[1]
+
+
 def _clean(obj):
     """JSON has no NaN/inf: send null."""
     if isinstance(obj, float):
@@ -602,13 +638,21 @@ class Dashboard:
     def url_with_token(self) -> str:
         return f"{self.url}?token={self.token}"
 
-    def api(self, path: str):
+    def api(self, path: str, query: dict | None = None):
+        """The route's handler: a function returning (JSON body, extra headers), or None.
+        A paged route's bad ?limit / ?offset is a FedmoeError (answered 400)."""
         v = self.view
-        routes = {"/api/run": v.overview, "/api/rounds": v.rounds, "/api/sites": v.sites, "/api/experts": v.experts,
-                  "/api/accuracy": v.accuracy, "/api/privacy": v.privacy, "/api/rejections": v.rejections,
+        path = path.rstrip("/") or "/"
+        paged = {"/api/sites": (v.sites, "sites"), "/api/rejections": (v.rejections, "rejections")}
+        if path in paged:
+            fn, table = paged[path]
+            limit, offset = page_args(query or {})
+            return lambda: (_clean(fn(limit, offset)), {"X-Total-Count": str(v.count(table))})
+        routes = {"/api/run": v.overview, "/api/rounds": v.rounds, "/api/experts": v.experts,
+                  "/api/accuracy": v.accuracy, "/api/privacy": v.privacy,
                   "/api/loss": lambda: v.series("train_loss").get("train_loss", {})}
-        fn = routes.get(path.rstrip("/") or "/")
-        return (lambda: _clean(fn())) if fn else None
+        fn = routes.get(path)
+        return (lambda: (_clean(fn()), {})) if fn else None
 
     def stop(self) -> None:
         self.stopping.set()

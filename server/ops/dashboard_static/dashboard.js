@@ -145,6 +145,9 @@
       [(s) => s.rounds_joined, "num"], [(s) => s.failures, "num"], [(s) => s.rejections, "num"],
       [(s) => fmtBytes(s.bytes_sent), "num"], [(s) => fmtBytes(s.bytes_received), "num"],
     ], (s) => (s.failures || s.rejections ? "bad" : ""));
+    // /api/sites sends one page (100 sites by name); the overview counts them all
+    const total = state.overview ? state.overview.sites : sites.length;
+    $("sites-shown").textContent = total > sites.length ? `first ${sites.length} of ${total} sites, by name` : "";
   }
 
   function drawExperts(ex) {
