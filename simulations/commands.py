@@ -117,6 +117,7 @@ BENCHMARKS = {
     "quality": ("fedmoe.simulations.benchmarks.quality", "every method over several seeds: mean ± sd and paired differences"),
     "serve": ("fedmoe.simulations.benchmarks.serve", "the OpenAI-compatible API under 1/4/16 clients: tokens/s, p50/p95, gated vs one expert"),
     "resume": ("fedmoe.simulations.benchmarks.resume", "a simulation SIGKILLed K times and resumed vs one never killed: same numbers?"),
+    "scale": ("fedmoe.simulations.benchmarks.scale", "a federation of 10 / 100 / 1,000 sites: seconds a round, peak RSS, run store size"),
 }
 
 
