@@ -63,9 +63,34 @@ class BaselineContext:
             self.progress(text)
 
 
+def eval_coverage(site: Site, records: list[Record]) -> float | None:
+    """The share of `records` (a domain's evaluation questions) whose answer occurs among
+    the site's own training completions: what a site training alone can at best have
+    seen. Questions are matched by answer, not phrasing (evaluation phrasings are new)."""
+    if not records:
+        return None
+    seen = {r.completion.strip() for r in site.train}
+    return sum(r.completion.strip() in seen for r in records) / len(records)
+
+
+def local_only_ceiling(sites: list[Site], mixed: list[Record]) -> dict:
+    """Per domain, the mean over its sites of `eval_coverage` on that domain's mixed
+    records, and the record-weighted mean over domains ("mixed")."""
+    per_domain: dict[str, list[float]] = {}
+    for site in sites:
+        cover = eval_coverage(site, [r for r in mixed if r.domain == site.domain])
+        if cover is not None:
+            per_domain.setdefault(site.domain, []).append(cover)
+    means = {d: sum(v) / len(v) for d, v in sorted(per_domain.items())}
+    counts = {d: sum(r.domain == d for r in mixed) for d in means}
+    total = sum(counts.values())
+    return {"per_domain": means, "mixed": sum(means[d] * counts[d] for d in means) / total if total else None}
+
+
 def local_only(ctx: BaselineContext) -> dict:
     """Each site alone at its own rank; a domain's scores are the mean over its sites'
-    adapters on that domain's mixed (and conflict) records."""
+    adapters on that domain's mixed (and conflict) records. `trained` carries the
+    ceiling: the share of its domain's eval answers a site's own data holds."""
     per_domain: dict[str, list[dict]] = {}
     for i, site in enumerate(ctx.sites):
         trainer = ctx.trainer(ctx.rank_of(i))
@@ -75,7 +100,8 @@ def local_only(ctx: BaselineContext) -> dict:
         ctx.say(f"baseline local_only: {Path(site.path).name} ({site.domain}, rank {ctx.rank_of(i)}) "
                 f"{_headline(per_domain[site.domain][-1])} [{i + 1}/{len(ctx.sites)}]")
     return {"scores": {d: mean_scores(v) for d, v in per_domain.items()},
-            "trained": {"steps": ctx.cfg.steps, "rank": "each site's own", "data": "one site's own data"}}
+            "trained": {"steps": ctx.cfg.steps, "rank": "each site's own", "data": "one site's own data",
+                        "ceiling": local_only_ceiling(ctx.sites, ctx.mixed)}}
 
 
 def _pooled(ctx: BaselineContext, name: str, steps_per_member: bool) -> dict:

@@ -352,7 +352,9 @@ def trained_text(entry: dict) -> str:
     if "trained" in entry:
         t = entry["trained"]
         rank = t["rank"] if isinstance(t["rank"], str) else f"rank {t['rank']}"
-        return f"steps {t['steps']} · {rank} · {t['data']}"
+        text = f"steps {t['steps']} · {rank} · {t['data']}"
+        ceiling = (t.get("ceiling") or {}).get("mixed")
+        return text + (f" (its data holds {ceiling:.0%} of its domain's eval answers)" if ceiling is not None else "")
     if "params" in entry:
         return "tuned on site eval data: " + ", ".join(f"{k} {v:g}" for k, v in entry["params"].items())
     return ""

@@ -123,3 +123,22 @@ def test_real_preset_suite_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert len(list(path.glob("site-*"))) == preset.sites
     stamp = (path / "mixed-eval.jsonl").stat().st_mtime_ns
     assert prepare_suite(preset, None) == path and (path / "mixed-eval.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_local_only_ceiling_is_the_share_of_its_domains_answers_a_site_holds():
+    from fedmoe.shared.data import Record, Site
+    from fedmoe.simulations.baselines import local_only_ceiling
+    from fedmoe.simulations.simulate import trained_text
+
+    def site(domain, answers):
+        return Site(Path(f"/x/{domain}-{len(answers)}"), domain, [Record(f"q {a}?", f" {a}") for a in answers], [])
+
+    mixed = [Record(f"new phrasing of {a}", f" {a}", domain=d)
+             for d, answers in (("law", "abcd"), ("medicine", "wxyz")) for a in answers]
+    sites = [site("law", "ab"), site("law", "abc"), site("medicine", "w"), site("medicine", "q")]
+    ceiling = local_only_ceiling(sites, mixed)
+    assert ceiling["per_domain"] == {"law": pytest.approx((2 / 4 + 3 / 4) / 2), "medicine": pytest.approx(1 / 8)}
+    assert ceiling["mixed"] == pytest.approx((0.625 * 4 + 0.125 * 4) / 8)
+    text = trained_text({"trained": {"steps": 8, "rank": "each site's own", "data": "one site's own data",
+                                     "ceiling": ceiling}})
+    assert text.endswith("(its data holds 38% of its domain's eval answers)")
