@@ -112,7 +112,12 @@ def evaluate(settings: SiteSettings, delta: LoraDelta) -> dict:
     if not site.eval:
         return {"num-examples": 0}
     r = trainer.evaluate(site.eval)
-    return {"num-examples": r.count, "eval-accuracy": r.accuracy, "eval-loss": r.loss}
+    accuracy = r.accuracy
+    if all(rec.choices for rec in site.eval):  # multiple choice: acc_norm, the report's headline
+        from fedmoe.shared.multiple_choice import score_records
+
+        accuracy = score_records(trainer.model, trainer.tokenizer, site.eval).acc_norm
+    return {"num-examples": r.count, "eval-accuracy": accuracy, "eval-loss": r.loss}
 
 
 def encode_reply(settings: SiteSettings, expert: str, received: LoraDelta, trained: LoraDelta, codec: str):

@@ -293,6 +293,7 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
             report |= privacy_report.sections(out_dir, model_dir, sites, rounds, preset.seed, baselines, robust, chaos, plan,
                                               results, experts if mia else {})
         report["curves"] = run_curves(out_dir)  # per-round site evaluation (fedmoe.server.federation.evaluation)
+        report["curves_metric"] = metric  # the sites score multiple-choice eval splits by acc_norm, others by exact match
         report["wall_seconds"] = time.perf_counter() - wall
         write_report(out_dir, report)
         return report

@@ -34,3 +34,27 @@ def test_eval_schedule():
     assert [r for r in range(1, 8) if eval_round_due(r, 7, 1)] == list(range(1, 8))
     assert [r for r in range(1, 8) if eval_round_due(r, 7, 3)] == [3, 6, 7]
     assert not any(eval_round_due(r, 7, 0) for r in range(1, 8))
+
+
+def test_a_site_scores_a_multiple_choice_eval_split_by_acc_norm(tmp_path, tiny_model_dir):
+    """On a suite with choices the sites' per-round accuracy is acc_norm (exact match of a
+    whole gloss is ~0 on real definitions, which would make the curves flat)."""
+    from fedmoe.client import site as site_mod
+    from fedmoe.shared.data import load_site, write_jsonl
+    from fedmoe.shared.multiple_choice import score_records
+
+    choices = [" a court of law", " a kind of fish", " the red planet", " a tall tree"]
+    evals = [{"prompt": f"Question {i}: what is it? Answer:", "completion": choices[i % 4], "choices": choices}
+             for i in range(6)]
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "q? Answer:", "completion": " a court of law"}])
+    write_jsonl(tmp_path / "eval.jsonl", evals)
+    (tmp_path / "site.toml").write_text('domain = "law"\n')
+    settings = site_mod.SiteSettings(str(tmp_path), quant="none", rank=4, model_path=str(tiny_model_dir))
+    trainer = site_mod.trainer_for(settings)
+    trainer.set_adapter(None)
+    delta = trainer.current_delta()
+    reply = site_mod.evaluate(settings, delta)
+    expected = score_records(trainer.model, trainer.tokenizer, load_site(tmp_path).eval).acc_norm
+    exact = trainer.evaluate(load_site(tmp_path).eval).accuracy
+    assert reply["num-examples"] == 6
+    assert reply["eval-accuracy"] == expected != exact  # acc_norm, not exact match
