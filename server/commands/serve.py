@@ -1,5 +1,6 @@
-"""`fedmoe serve` (a finished run's experts behind the gRPC InferenceService and, with
-`--http-port`, the OpenAI-compatible HTTP API) and `fedmoe ask` (the gRPC client).
+"""`fedmoe serve` (a run's experts behind the gRPC InferenceService and, with
+`--http-port`, the OpenAI-compatible HTTP API; on a live run each newly committed round is
+swapped in, see `serving/hot_swap.py`) and `fedmoe ask` (the gRPC client).
 
 `serve` is built from `add_serve_arguments` + `start_from_args`, so another front end
 (an HTTP port, a dashboard) can add its flags and reuse the same served model.
@@ -54,7 +55,7 @@ def is_loopback(host: str) -> bool:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a finished run's gated experts over gRPC and an OpenAI-compatible HTTP API")
+    p = sub.add_parser("serve", help="serve a run's gated experts (a live run's newest round) over gRPC and an OpenAI-compatible HTTP API")
     add_serve_arguments(p)
     from fedmoe.server.commands.dashboard import add_operator_flags
 
