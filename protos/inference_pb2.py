@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64moe/protos/inference.proto\x12\tfedmoe.v1\"V\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04gate\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\".\n\x0c\x45xpertWeight\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"U\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x17.fedmoe.v1.ExpertWeight\x12\x0c\n\x04gate\x18\x03 \x01(\t\",\n\x0cRouteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0c\n\x04gate\x18\x02 \x01(\t\"D\n\nRouteReply\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.fedmoe.v1.ExpertWeight\x12\x0c\n\x04gate\x18\x02 \x01(\t2\x8d\x01\n\x10InferenceService\x12@\n\x08Generate\x12\x1a.fedmoe.v1.GenerateRequest\x1a\x18.fedmoe.v1.GenerateReply\x12\x37\n\x05Route\x12\x17.fedmoe.v1.RouteRequest\x1a\x15.fedmoe.v1.RouteReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64moe/protos/inference.proto\x12\tfedmoe.v1\"V\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04gate\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\".\n\x0c\x45xpertWeight\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"d\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x17.fedmoe.v1.ExpertWeight\x12\x0c\n\x04gate\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\",\n\x0cRouteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0c\n\x04gate\x18\x02 \x01(\t\"S\n\nRouteReply\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.fedmoe.v1.ExpertWeight\x12\x0c\n\x04gate\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x32\x8d\x01\n\x10InferenceService\x12@\n\x08Generate\x12\x1a.fedmoe.v1.GenerateRequest\x1a\x18.fedmoe.v1.GenerateReply\x12\x37\n\x05Route\x12\x17.fedmoe.v1.RouteRequest\x1a\x15.fedmoe.v1.RouteReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTWEIGHT']._serialized_start=132
   _globals['_EXPERTWEIGHT']._serialized_end=178
   _globals['_GENERATEREPLY']._serialized_start=180
-  _globals['_GENERATEREPLY']._serialized_end=265
-  _globals['_ROUTEREQUEST']._serialized_start=267
-  _globals['_ROUTEREQUEST']._serialized_end=311
-  _globals['_ROUTEREPLY']._serialized_start=313
-  _globals['_ROUTEREPLY']._serialized_end=381
-  _globals['_INFERENCESERVICE']._serialized_start=384
-  _globals['_INFERENCESERVICE']._serialized_end=525
+  _globals['_GENERATEREPLY']._serialized_end=280
+  _globals['_ROUTEREQUEST']._serialized_start=282
+  _globals['_ROUTEREQUEST']._serialized_end=326
+  _globals['_ROUTEREPLY']._serialized_start=328
+  _globals['_ROUTEREPLY']._serialized_end=411
+  _globals['_INFERENCESERVICE']._serialized_start=414
+  _globals['_INFERENCESERVICE']._serialized_end=555
 # @@protoc_insertion_point(module_scope)

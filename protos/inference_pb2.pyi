@@ -27,14 +27,16 @@ class ExpertWeight(_message.Message):
     def __init__(self, expert: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
-    __slots__ = ("text", "experts", "gate")
+    __slots__ = ("text", "experts", "gate", "round")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     text: str
     experts: _containers.RepeatedCompositeFieldContainer[ExpertWeight]
     gate: str
-    def __init__(self, text: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ..., gate: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, text: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ..., gate: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("prompt", "gate")
@@ -45,9 +47,11 @@ class RouteRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., gate: _Optional[str] = ...) -> None: ...
 
 class RouteReply(_message.Message):
-    __slots__ = ("experts", "gate")
+    __slots__ = ("experts", "gate", "round")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertWeight]
     gate: str
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ..., gate: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ..., gate: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...

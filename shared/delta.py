@@ -82,6 +82,20 @@ class LoraDelta:
             tensors[module + B_SUFFIX] = b.contiguous()
         return cls(tensors, rank, alpha, base_fingerprint)
 
+    def padded_to(self, rank: int) -> "LoraDelta":
+        """The same update at a larger rank: A gains zero rows, B zero columns, and alpha
+        grows with the rank so that alpha/r (and so every module's ΔW) is unchanged."""
+        if rank < self.rank:
+            raise FedmoeError(f"cannot pad a rank-{self.rank} delta down to rank {rank}")
+        if rank == self.rank:
+            return self
+        factors = {}
+        for m in self.modules():
+            a, b = self.factors(m)
+            factors[m] = (torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])], 0),
+                          torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1))
+        return LoraDelta.from_factors(factors, rank, self.scaling * rank, self.base_fingerprint)
+
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 

@@ -94,6 +94,7 @@ def test_serve_gives_a_routed_answer_through_the_stub(server, stub, suite_dir):
     assert sum(e == r.domain for e, r in zip(routed, records)) >= 5, list(zip(routed, [r.domain for r in records]))
     reply = stub.Generate(pb.GenerateRequest(prompt=records[0].prompt, max_new_tokens=6), timeout=60)
     assert reply.gate == "prototype" and len(reply.experts) == 1 and reply.experts[0].expert == routed[0]
+    assert reply.round == 0  # a run folder without run.db: not from a run's rounds
     assert isinstance(reply.text, str)
     arrow = stub.Generate(pb.GenerateRequest(prompt=records[0].prompt, max_new_tokens=3, gate="arrow", top_k=2), timeout=60)
     assert arrow.gate == "arrow" and 1 <= len(arrow.experts) <= 2
@@ -187,6 +188,11 @@ def test_a_full_queue_answers_resource_exhausted_and_cancelled_calls_are_dropped
     release, started = threading.Event(), threading.Event()
 
     class Slow:
+        def pinned(self):  # a served model pins its round for the batch (hot swap); this one has none
+            import contextlib
+
+            return contextlib.nullcontext(None)
+
         def route(self, prompts, gate):
             started.set()
             release.wait(30)
@@ -204,7 +210,7 @@ def test_a_full_queue_answers_resource_exhausted_and_cancelled_calls_are_dropped
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 requests already queued" in str(info.value)
     assert queued[0].done.cancel()  # its caller went away (what the RPC callback does)
     release.set()
-    assert queued[1].done.result(timeout=10) == (None, [1.0])
+    assert queued[1].done.result(timeout=10) == (None, [1.0], None)
     first.join(10)
     assert b.dropped == 1 and queued[0].done.cancelled()
     b.stop()

@@ -1,5 +1,6 @@
-"""`fedmoe serve` (a finished run's experts behind the gRPC InferenceService and, with
-`--http-port`, the OpenAI-compatible HTTP API) and `fedmoe ask` (the gRPC client).
+"""`fedmoe serve` (a run's experts behind the gRPC InferenceService and, with
+`--http-port`, the OpenAI-compatible HTTP API; on a live run each newly committed round is
+swapped in, see `serving/hot_swap.py`) and `fedmoe ask` (the gRPC client).
 
 `serve` is built from `add_serve_arguments` + `start_from_args`, so another front end
 (an HTTP port, a dashboard) can add its flags and reuse the same served model.
@@ -54,7 +55,7 @@ def is_loopback(host: str) -> bool:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a finished run's gated experts over gRPC and an OpenAI-compatible HTTP API")
+    p = sub.add_parser("serve", help="serve a run's gated experts (a live run's newest round) over gRPC and an OpenAI-compatible HTTP API")
     add_serve_arguments(p)
     from fedmoe.server.commands.dashboard import add_operator_flags
 
@@ -94,6 +95,9 @@ def add_serve_arguments(p) -> None:
                    help="OpenAI-compatible HTTP API (/v1) on this port (0 = any free port; default: off)")
     p.add_argument("--api-key-file", default=None,
                    help="API keys for the HTTP API, one per line (default: $FEDMOE_API_KEY, else a new key printed once)")
+    p.add_argument("--reload-interval", type=float, default=None,
+                   help="seconds between looks at run.db for a newly committed round, whose experts are then swapped "
+                        "in between batches (0 = off; default 2 on a run that is not finished, else off)")
 
 
 def start_from_args(args):
@@ -116,6 +120,7 @@ def start_from_args(args):
         except OSError as exc:
             raise FedmoeError(f"TLS files: {exc.filename}: {exc.strerror}") from None
     token = resolve_token(args)
+    interval = reload_interval(args)  # checked before the model loads
     served = load_served_run(args.run, args.device)
     gate = args.gate or best_gate(args.run, list(served.gates))
     if gate not in served.gates:
@@ -123,7 +128,30 @@ def start_from_args(args):
     serving = Serving(served, gate, args.host, args.grpc_port, args.max_batch, args.batch_wait_ms / 1000, token=token,
                       max_queue=args.max_queue, tls=tls)
     serving.token_generated = token is None
+    if interval:
+        from fedmoe.server.serving.hot_swap import RoundWatcher
+
+        serving.watcher = RoundWatcher(served, args.run, interval)
     return serving
+
+
+def reload_interval(args) -> float:
+    """Seconds between the hot-swap watcher's looks at run.db (0: off): --reload-interval,
+    by default on for a run whose run.db says it is not finished."""
+    from fedmoe.server.serving.hot_swap import DEFAULT_INTERVAL, run_state
+
+    interval = args.reload_interval
+    if interval is not None and not interval >= 0:
+        raise FedmoeError(f"--reload-interval must be >= 0 seconds, got {interval}")
+    try:
+        state, _ = run_state(args.run)
+    except Exception as exc:  # sqlite3.Error: not a database, locked...
+        raise FedmoeError(f"{args.run}/run.db: {exc}") from None
+    if interval is None:
+        return DEFAULT_INTERVAL if state not in (None, "finished") else 0.0
+    if interval > 0 and state is None:
+        raise FedmoeError(f"--reload-interval: run {args.run} has no run.db to follow")
+    return interval
 
 
 def http_api_keys(args) -> tuple[list[str], bool] | None:
@@ -173,7 +201,8 @@ def cmd_serve(args) -> int:
     operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True))
     info = {"address": f"{serving.host}:{serving.port}", "port": serving.port, "run": args.run,
             "experts": served.experts, "gates": list(served.gates), "default_gate": serving.default_gate,
-            "tls": bool(args.tls_cert)}
+            "tls": bool(args.tls_cert), "round": served.round,
+            "reload_interval": serving.watcher.interval if serving.watcher else 0}
     if serving.token_generated:  # a token the operator gave is not echoed; a new one is shown once
         info["token"] = serving.token
     if api is not None:
@@ -185,7 +214,9 @@ def cmd_serve(args) -> int:
         print_json(info)
     else:
         print(f"serving {args.run} on {info['address']}: experts {', '.join(served.experts)}; "
-              f"gates {', '.join(served.gates)} (default {serving.default_gate})")
+              f"gates {', '.join(served.gates)} (default {serving.default_gate})"
+              + (f"; round {served.round}" if served.round else "")
+              + (f"; following new rounds every {serving.watcher.interval:g} s" if serving.watcher else ""))
         if serving.token_generated:
             print(f"serve token: {serving.token}  (shown once; fedmoe ask needs it: ${TOKEN_ENV} or --token-file)")
         if api is not None:
@@ -234,7 +265,8 @@ def cmd_ask(args) -> int:
             raise FedmoeError(f"{args.addr}: {exc.code().name}: {exc.details()}") from None
     experts = {e.expert: e.weight for e in reply.experts}
     if args.json:
-        print_json({"gate": reply.gate, "experts": experts} | ({} if args.route else {"text": reply.text}))
+        print_json({"gate": reply.gate, "experts": experts, "round": reply.round or None}
+                   | ({} if args.route else {"text": reply.text}))
         return 0
     if not args.route:
         print(reply.text)

@@ -14,12 +14,23 @@ top-k and runs:
 
 `lm` is the module to hand to `fedmoe.shared.training.evaluate` together with
 `forward_kwargs_fn(gate)`.
+
+Hot swap (a live run's newer round): `prepare_swap` builds the new LoRA factors of every
+expert off the decoding thread (padded to the served rank, rescaled to the served
+alpha/r), `stage_swap` hands them over, and they are copied into the existing peft
+adapters in place, under the model lock, only while nobody holds the model (`hold` /
+`release`, `pinned`): a decoder holds it from the first request of a batch until the
+batch is empty, so a request never sees two rounds, and the gates that read the
+experts' weights (`refresh()`: arrow, smile) are rebuilt in the same critical section.
+`round` is the round whose weights are in the model (None: not from a run's rounds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +49,15 @@ def top_k_weights(probs: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.zeros_like(probs)
     out.scatter_(1, idx, vals)
     return out / out.sum(1, keepdim=True).clamp(min=1e-12)
+
+
+@dataclass
+class ExpertSwap:
+    """A round's expert factors, ready to copy into the served adapters in place."""
+
+    round: int
+    experts: list[str]
+    copies: list[tuple[torch.nn.Parameter, torch.Tensor]]
 
 
 class ServedModel:
@@ -64,6 +84,12 @@ class ServedModel:
         self.lm = MixedExpertsLM(self)
         self.max_positions = int(getattr(model.get_base_model().config, "max_position_embeddings", 0) or 0)
         self._lock = threading.RLock()  # one forward at a time: peft adapter state is shared
+        self.round: int | None = None  # the run round whose expert weights are loaded
+        self.swaps = 0
+        self.swapped_at: float | None = None
+        self.watch: dict = {}  # the round watcher's view (serving/hot_swap.py), for status pages
+        self._holders = 0  # decoders whose state (KV caches, routing) was built on these weights
+        self._pending: ExpertSwap | None = None
 
     # -- gates -----------------------------------------------------------------
     def add_gate(self, name: str, gate) -> None:
@@ -102,6 +128,101 @@ class ServedModel:
         """Forward kwargs that send every sequence to one named adapter (an expert, a
         static merge, or `__base__`)."""
         return lambda records: {"adapter_names": [name] * len(records)}
+
+    # -- hot swap --------------------------------------------------------------
+    def prepare_swap(self, rnd: int, deltas: dict) -> ExpertSwap:
+        """New factors for the named experts (LoraDelta each), as tensors shaped, typed and
+        placed like the served adapters' (a smaller rank is zero-padded, B is rescaled to
+        the served alpha/r: the same ΔW). Reads only shapes and configs: safe to run while
+        the model decodes. FedmoeError if an expert does not fit the served adapter (other
+        modules, a larger rank, another base): that needs a restart."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        copies = []
+        for expert, delta in deltas.items():
+            if expert not in self.experts:
+                raise FedmoeError(f"round {rnd}: expert {expert!r} is not served (restart fedmoe serve to add it)")
+            if delta.base_fingerprint != self.fingerprint:
+                raise FedmoeError(f"round {rnd}: expert {expert!r} was made for base model {delta.base_fingerprint}, "
+                                  f"but this base is {self.fingerprint}")
+            served = sorted(n for n, m in layers.items() if expert in m.lora_A)
+            if delta.modules() != served:
+                raise FedmoeError(f"round {rnd}: expert {expert!r} adapts {len(delta.modules())} modules, the served one "
+                                  f"{len(served)} (other modules): restart fedmoe serve to serve it")
+            for name in served:
+                layer, (a, b) = layers[name], delta.factors(name)
+                pa, pb = layer.lora_A[expert].weight, layer.lora_B[expert].weight
+                if a.shape[0] > pa.shape[0] or a.shape[1] != pa.shape[1] or b.shape[0] != pb.shape[0]:
+                    raise FedmoeError(f"round {rnd}: expert {expert!r} module {name}: factors {list(a.shape)}/{list(b.shape)} "
+                                      f"do not fit the served rank-{pa.shape[0]} adapter: restart fedmoe serve to serve it")
+                r = a.shape[0]
+                new_a = torch.zeros(pa.shape, dtype=pa.dtype, device=pa.device)
+                new_b = torch.zeros(pb.shape, dtype=pb.dtype, device=pb.device)
+                new_a[:r] = a.to(pa.device, pa.dtype)
+                new_b[:, :r] = (b.double() * (delta.scaling / float(layer.scaling[expert]))).to(pb.device, pb.dtype)
+                copies += [(pa, new_a), (pb, new_b)]
+        return ExpertSwap(int(rnd), list(deltas), copies)
+
+    def stage_swap(self, swap: ExpertSwap) -> bool:
+        """Hand over a prepared swap (a newer one replaces one still waiting). It is applied
+        now if no decoder holds the model, else when the last one releases it. Returns
+        whether it was applied now."""
+        with self._lock:
+            self._pending = swap
+            if self._holders == 0:
+                self._apply_pending()
+                return True
+            return False
+
+    @property
+    def swap_pending(self) -> bool:
+        return self._pending is not None
+
+    def hold(self) -> int | None:
+        """A decoder starts a batch: no swap until it `release`s; a waiting swap is applied
+        first. Returns the round it will decode with."""
+        with self._lock:
+            if self._holders == 0:
+                self._apply_pending()
+            self._holders += 1
+            return self.round
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders = max(0, self._holders - 1)
+            if self._holders == 0:
+                self._apply_pending()
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """`with served.pinned() as rnd:` one batch on one round's weights."""
+        rnd = self.hold()
+        try:
+            yield rnd
+        finally:
+            self.release()
+
+    def _apply_pending(self) -> None:  # under self._lock, with no holder
+        swap, self._pending = self._pending, None
+        if swap is None:
+            return
+        with torch.no_grad():
+            for param, value in swap.copies:
+                param.copy_(value)
+        for gate in self.gates.values():  # gates computed from the experts' weights follow them
+            refresh = getattr(gate, "refresh", None)
+            if refresh is not None:
+                refresh()
+        self.round, self.swaps, self.swapped_at = swap.round, self.swaps + 1, time.time()
+
+    def swap_status(self) -> dict:
+        """What `/v1/models` and the stats say about the served round."""
+        with self._lock:
+            pending = self._pending.round if self._pending is not None else None
+        return {"round": self.round, "swaps": self.swaps, "swapped_at": self.swapped_at, "pending_round": pending,
+                "gates_refreshed": sorted(n for n, g in self.gates.items() if hasattr(g, "refresh")),
+                "gates_kept": sorted(n for n, g in self.gates.items() if not hasattr(g, "refresh"))} | self.watch
 
     # -- mixing ----------------------------------------------------------------
     @contextlib.contextmanager

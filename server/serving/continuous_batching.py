@@ -15,6 +15,13 @@ The KV cache is left-padded: a row's real tokens end at the right edge, padding 
 left is masked out (its keys and values are zeros), and positions are tracked per row,
 so rows of different lengths decode together. Rows that finish are removed from the
 batch, and columns that became padding for every row are cut off.
+
+Hot swap (a live run's newer round, `serving/hot_swap.py`): the decoder holds the model
+from the first request of a batch until the batch is empty (`ServedModel.hold`), so a
+newer round's experts are swapped in between batches only and every request decodes on
+one round (its "routed" event says which). While a swap waits, no request joins the
+batch in flight: it drains (bounded by the longest max_tokens), the swap is applied, and
+the waiting requests start on the new round.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ class QueueFull(FedmoeError):
 @dataclass
 class DecodeRequest:
     """One completion to decode. `emit` is called on the decoding thread with events:
-    ("routed", expert, weight), ("text", delta), ("done", finish_reason, n_tokens), or
-    ("error", exception); "done" or "error" comes last."""
+    ("routed", expert, weight, round), ("text", delta), ("done", finish_reason, n_tokens), or
+    ("error", exception); "done" or "error" comes last. `round` is the run round whose
+    experts decode it (None: not from a run's rounds)."""
 
     prompt: str
     prompt_ids: list[int]
@@ -141,6 +149,8 @@ class ContinuousBatcher:
         self.mixed_steps = 0  # decoding steps whose rows went to more than one expert
         self.rows_decoded = 0  # sum over steps of the rows in the step (mean batch = rows_decoded / steps)
         self._stopping = False
+        self._holding = False  # the model is held for the batch in flight (no hot swap under it)
+        self.round = served.round
         self._thread = threading.Thread(target=self._loop, name="fedmoe-decoder", daemon=True)
         self._thread.start()
 
@@ -154,7 +164,7 @@ class ContinuousBatcher:
         return {"steps": self.steps, "mixed_expert_steps": self.mixed_steps, "largest_batch": self.largest_batch,
                 "mean_batch": round(self.rows_decoded / self.steps, 3) if self.steps else 0.0,
                 "rows_decoded": self.rows_decoded, "joins": self.joins,
-                "requests": self.taken, "in_flight": len(self.rows), "queued": self.queue.qsize(),
+                "requests": self.taken, "in_flight": len(self.rows), "queued": self.queue.qsize(), "round": self.round,
                 "max_batch": self.max_batch, "max_queue": self.queue.maxsize}
 
     def stop(self) -> None:
@@ -173,6 +183,8 @@ class ContinuousBatcher:
                 break
             try:
                 if new:
+                    if not self._holding:  # a new batch: a waiting hot swap goes in first
+                        self.round, self._holding = self.served.hold(), True
                     self._admit(new)
                 if self.rows:
                     self._step()
@@ -180,8 +192,14 @@ class ContinuousBatcher:
                 for row in self.rows:
                     row.req.emit(("error", exc))
                 self.rows, self.cache, self.mask = [], None, None
+            if self._holding and not self.rows:  # the batch is over: a hot swap may go in now
+                self._holding = False
+                self.served.release()
         for row in self.rows:
             row.req.emit(("error", FedmoeError("the server is shutting down")))
+        if self._holding:
+            self._holding = False
+            self.served.release()
 
     def _take(self) -> list[DecodeRequest]:
         new = self._take_from_queue()
@@ -207,6 +225,8 @@ class ContinuousBatcher:
             return new
         if self.cache is not None and _plain_layers(self.cache) is None:
             return []  # this cache cannot be joined: new requests wait for the batch to end
+        if self.served.swap_pending:
+            return []  # a newer round waits: let this batch drain, then start on it
         while len(new) < room:
             try:
                 nxt = self.queue.get_nowait()
@@ -240,7 +260,7 @@ class ContinuousBatcher:
             if i not in experts:
                 continue
             name, weight = experts[i]
-            r.emit(("routed", name, weight))
+            r.emit(("routed", name, weight, self.round))
             gen = None
             if r.temperature > 0:
                 gen = torch.Generator().manual_seed(r.seed if r.seed is not None else random.getrandbits(63))

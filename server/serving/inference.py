@@ -112,17 +112,18 @@ class Batcher:
             return
         try:
             prompts = [j.prompt for j in jobs]
-            if kind == "route":
-                weights = self.served.route(prompts, gate)
-                results = [(None, w) for w in weights]
-            else:
-                results = self.served.generate(prompts, [j.max_new_tokens for j in jobs], gate=gate, top_k=top_k)
+            with self.served.pinned() as rnd:  # one round's experts for the whole batch (hot swap waits)
+                if kind == "route":
+                    weights = self.served.route(prompts, gate)
+                    results = [(None, w) for w in weights]
+                else:
+                    results = self.served.generate(prompts, [j.max_new_tokens for j in jobs], gate=gate, top_k=top_k)
         except Exception as exc:  # hand every waiting caller the failure
             for j in jobs:
                 j.done.set_exception(exc)
             return
-        for j, r in zip(jobs, results):
-            j.done.set_result(r)
+        for j, (text, weights) in zip(jobs, results):
+            j.done.set_result((text, weights, rnd))
 
 
 def _expert_weights(served, weights, drop_zero: bool):
@@ -168,15 +169,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if not 1 <= top_k <= len(self.served.experts):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be between 1 and {len(self.served.experts)}, got {top_k}")
             self.served.check_request(prompt, n)  # too many tokens -> INVALID_ARGUMENT
-            text, weights = self.batcher.submit(_Job("generate", prompt, gate, top_k, n), context)
-            return pb.GenerateReply(text=text, experts=_expert_weights(self.served, weights, True), gate=gate)
+            text, weights, rnd = self.batcher.submit(_Job("generate", prompt, gate, top_k, n), context)
+            return pb.GenerateReply(text=text, experts=_expert_weights(self.served, weights, True), gate=gate,
+                                    round=rnd or 0)
         return self._call(context, run)
 
     def Route(self, request, context):
         def run():
             prompt, gate = self._prompt(request.prompt), self._gate(request.gate)
-            _, weights = self.batcher.submit(_Job("route", prompt, gate), context)
-            return pb.RouteReply(experts=_expert_weights(self.served, weights, False), gate=gate)
+            _, weights, rnd = self.batcher.submit(_Job("route", prompt, gate), context)
+            return pb.RouteReply(experts=_expert_weights(self.served, weights, False), gate=gate, round=rnd or 0)
         return self._call(context, run)
 
 
@@ -202,6 +204,7 @@ class Serving:
             raise FedmoeError(f"--max-queue must be >= 1, got {max_queue}")
         self.token = token or new_token()
         self.served, self.default_gate = served, default_gate
+        self.watcher = None  # a live run's hot-swap RoundWatcher (fedmoe serve starts it), stopped with us
         self.batcher = Batcher(served, max_batch, max_wait_s, max_queue)
         # Handler threads beyond the queue would only wait: a full queue refuses at once instead.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[TokenInterceptor(self.token)],
@@ -223,6 +226,8 @@ class Serving:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float = 2.0):
+        if self.watcher is not None:
+            self.watcher.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.batcher.stop()
@@ -232,11 +237,18 @@ class Serving:
 
 
 def load_served_run(run_dir: str | Path, device: str | None = None):
-    """A `ServedModel` for a finished run: its base, `experts/*`, and every gate it can serve."""
+    """A `ServedModel` for a run: its base, its experts and every gate it can serve.
+
+    The experts are `experts/*` once the run wrote them (`served.round`: the run's last
+    committed round if it is finished, else None until the round watcher swaps one in);
+    a run still federating has none yet, so its newest verified round's checkpoints are
+    served (padded to one rank, which Arrow needs; `served.round` is that round)."""
     import json
+    import tempfile
 
     from fedmoe.server.moe.gates import available_gates, load_gate
     from fedmoe.server.moe.served_model import ServedModel
+    from fedmoe.server.serving.hot_swap import checkpointed_experts, run_state
     from fedmoe.shared.features import FeatureConfig
     from fedmoe.shared.runs import list_experts, read_run_info
 
@@ -245,14 +257,28 @@ def load_served_run(run_dir: str | Path, device: str | None = None):
     model_dir = info.get("model") or info.get("model_dir")
     if not model_dir:
         raise FedmoeError(f"{run_dir / 'run.json'} does not name the base model ('model')")
-    experts = list_experts(run_dir)
-    if not experts:
-        raise FedmoeError(f"run {run_dir} has no experts (experts/<domain>/adapter_config.json)")
     gate_dir = run_dir / "gates"
     features = None
     if (gate_dir / "features.json").is_file():
         features = FeatureConfig.from_dict(json.loads((gate_dir / "features.json").read_text()))
-    served = ServedModel(model_dir, {e: run_dir / "experts" / e for e in experts}, device, features)
+    experts = list_experts(run_dir)
+    state, last = run_state(run_dir)
+    if experts:
+        served = ServedModel(model_dir, {e: run_dir / "experts" / e for e in experts}, device, features)
+        served.round = last if state == "finished" and last else None
+    else:
+        from fedmoe.server.federation.experts import save_expert
+
+        rnd, deltas = checkpointed_experts(run_dir)
+        if not deltas:
+            raise FedmoeError(f"run {run_dir} has no experts (experts/<domain>/adapter_config.json) "
+                              "and no committed round with verified checkpoints yet")
+        rank = max(d.rank for d in deltas.values())
+        with tempfile.TemporaryDirectory(prefix="fedmoe-round-") as tmp:
+            dirs = {e: save_expert(d.padded_to(rank), Path(tmp) / e, model_dir, domain=e, round=rnd)
+                    for e, d in deltas.items()}
+            served = ServedModel(model_dir, dirs, device, features)
+        served.round = rnd
     for name in available_gates(gate_dir):
         served.add_gate(name, load_gate(served, name, gate_dir))
     return served

@@ -4,8 +4,10 @@
 
 Model ids: `fedmoe` lets the server's default gate pick the expert for each request;
 `expert/<domain>` forces one. Every answer says which expert wrote it: an extra field
-`fedmoe: {"experts": [...], "weights": [...], "gate": ...}` and a header
-`x-fedmoe-experts`. Decoding goes through one `ContinuousBatcher`, whose bounded queue
+`fedmoe: {"experts": [...], "weights": [...], "gate": ..., "rounds": [...]}` (rounds: the
+run round whose experts decoded each prompt) and headers `x-fedmoe-experts`,
+`x-fedmoe-rounds`. `/v1/models` carries `fedmoe: {"round": ...}`: the round served now
+(on a live run it follows the committed rounds: see `serving/hot_swap.py`). Decoding goes through one `ContinuousBatcher`, whose bounded queue
 turns overload into 429 rather than unbounded latency. Every error has OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, so the official clients raise their
 usual exception classes.
@@ -170,12 +172,13 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(m) for m in model_ids()]}
+        # `fedmoe` (not OpenAI's): the run round served now, and the hot-swap watcher's view
+        return {"object": "list", "data": [model_card(m) for m in model_ids()], "fedmoe": served.swap_status()}
 
     @app.get("/v1/fedmoe/stats")
     async def stats():
         """The decoder's counters (not an OpenAI endpoint): how well requests are batched."""
-        return batcher.stats()
+        return batcher.stats() | {"hot_swap": served.swap_status()}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
@@ -242,8 +245,8 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
                     req.cancelled.set()
                     raise asyncio.CancelledError
 
-    def fedmoe_field(expert: str, weight: float, gate: str | None) -> dict:
-        return {"experts": [expert], "weights": [round(weight, 6)], "gate": gate}
+    def fedmoe_field(expert: str, weight: float, gate: str | None, rnd: int | None) -> dict:
+        return {"experts": [expert], "weights": [round(weight, 6)], "gate": gate, "rounds": [rnd]}
 
     async def serve(request: Request, body, prompts: list[str], chat: bool):
         expert, gate = resolve_model(body.model)
@@ -269,10 +272,11 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
             for _, req, _ in started:
                 req.cancelled.set()
             raise
-        headers = {"x-fedmoe-experts": ",".join(ev[1] for ev in routed)}
+        headers = {"x-fedmoe-experts": ",".join(ev[1] for ev in routed),
+                   "x-fedmoe-rounds": ",".join("-" if ev[3] is None else str(ev[3]) for ev in routed)}
         if body.stream:
             ids, req, events = started[0]
-            extra = fedmoe_field(routed[0][1], routed[0][2], gate)
+            extra = fedmoe_field(routed[0][1], routed[0][2], gate, routed[0][3])
             usage_wanted = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream(request, req, events, rid, now, body.model, chat, len(ids), extra, usage_wanted),
                                      media_type="text/event-stream", headers=headers | {"cache-control": "no-cache"})
@@ -305,7 +309,7 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
         weights = [round(ev[2], 6) for ev in routed]
         out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
                "model": body.model, "choices": choices, "usage": usage,
-               "fedmoe": {"experts": experts, "weights": weights, "gate": gate}}
+               "fedmoe": {"experts": experts, "weights": weights, "gate": gate, "rounds": [ev[3] for ev in routed]}}
         return JSONResponse(out, headers=headers)
 
     async def stream(request, req, events, rid, now, model, chat, n_prompt, extra, usage_wanted):

@@ -88,6 +88,13 @@ class ArrowGate:
             total += (coeff * m).sum(1) / m.sum(1).clamp(min=1)
         return (total / len(self.layers)).cpu()
 
+    def refresh(self) -> None:
+        """The experts' weights changed in place (hot swap): every Arrow layer rebuilds its
+        prototypes from them at its next forward (peft caches them until told)."""
+        for module in self.served.model.modules():
+            if ROUTER in getattr(module, "lora_arrow", {}):
+                module.lora_arrow[ROUTER]._protos_ready = False  # what peft's own on_adapter_change resets
+
     def token_level_kwargs_fn(self):
         """peft's own per-token Arrow forward for every sequence."""
         return lambda records: {"adapter_names": [ROUTER] * len(records)}

@@ -49,16 +49,18 @@ class SmileGate:
         self.served, self.experts = served, list(served.experts)
         self.subspace_rank, self.temperature, self.blocks = int(subspace_rank), float(temperature), int(blocks)
         model_blocks = list(decoder_layers(served.model))
-        self.layers, self.subspaces = [], []
-        for block in model_blocks[: min(self.blocks, len(model_blocks))]:
-            for module in block.modules():
-                if isinstance(module, LoraLayer) and all(e in module.lora_A for e in self.experts):
-                    self.layers.append(module)
-                    self.subspaces.append(torch.stack([
-                        right_subspace(module.lora_A[e].weight.detach(), module.lora_B[e].weight.detach(), self.subspace_rank)
-                        for e in self.experts]))  # [K, in, k]
+        self.layers = [module for block in model_blocks[: min(self.blocks, len(model_blocks))] for module in block.modules()
+                       if isinstance(module, LoraLayer) and all(e in module.lora_A for e in self.experts)]
         if not self.layers:
             raise FedmoeError("smile gate: no LoRA layers holding every expert in the first decoder blocks")
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re)compute each layer's expert subspaces from the experts' current weights
+        (at construction, and after a hot swap changed them in place)."""
+        self.subspaces = [torch.stack([
+            right_subspace(module.lora_A[e].weight.detach(), module.lora_B[e].weight.detach(), self.subspace_rank)
+            for e in self.experts]) for module in self.layers]  # [K, in, k] each
 
     @torch.no_grad()
     def route(self, prompts: list[str]) -> torch.Tensor:
