@@ -22,7 +22,7 @@ def test_bench_aggregate_tiny(tmp_path):
     assert "stream/naive N=8" in result["ratios"] and "krylov/naive N=8" in result["ratios"]
     assert result["stream_memory_growth"]["method"] == "krylov"
     assert result["accuracy"]["stream_error_over_optimal"] >= 1 - 1e-6
-    # 3 sites of rank 4 (Σr = 12) fit in two Krylov blocks of 8 columns: exact
+    # 3 sites of rank 4 (Σr = 12) fit in the Krylov blocks (2 x 12 columns): exact
     assert abs(result["accuracy"]["krylov_error_over_optimal"] - 1) < 1e-4
     assert abs(result["accuracy"]["qr_error_over_optimal"] - 1) < 1e-6  # the stacked QR is exact
     aggregate.plot(result, tmp_path / "aggregate.png")

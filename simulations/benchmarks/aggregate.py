@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated subset of naive,krylov,stream,stream0,qr")
     p.add_argument("--power-iters", type=int, default=1, help="power iterations of the streaming method (default 1)")
     p.add_argument("--oversample", type=int, default=8, help="extra sketch columns of the streaming method (default 8)")
-    p.add_argument("--block-oversample", type=int, default=4,
-                   help="extra columns per block of the block Krylov method (default 4, what the coordinator runs)")
+    p.add_argument("--block-oversample", type=int, default=8,
+                   help="extra columns per block of the block Krylov method (default 8, what the coordinator runs)")
     p.add_argument("--qr-max-stack", type=int, default=256, help="run qr only where N x rank <= this (default 256)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default 1: steadier on a shared machine; 0 = torch's choice)")
@@ -140,7 +140,7 @@ def parse_list(text: str, what: str, cast=int) -> list:
     return items
 
 
-def accuracy_check(n: int, dim: int, rank: int, oversample: int, power_iters: int, seed: int, block_oversample: int = 4) -> dict:
+def accuracy_check(n: int, dim: int, rank: int, oversample: int, power_iters: int, seed: int, block_oversample: int = 8) -> dict:
     """One module, N sites: the streaming result's error against the dense truncated SVD
     of the sum (the optimum), as a ratio ||ΔW - approx|| / ||ΔW - best_r||."""
     import torch
