@@ -16,14 +16,18 @@ def test_bench_aggregate_tiny(tmp_path):
     args = parse(aggregate, ["--sites", "3,8", "--layers", "1", "--dim", "64", "--rank", "4", "--qr-max-stack", "16"])
     result = aggregate.run(args)
     got = {(r["method"], r["sites"]) for r in result["rows"]}
-    assert got == {("naive", 3), ("stream", 3), ("stream0", 3), ("qr", 3), ("naive", 8), ("stream", 8), ("stream0", 8)}
+    assert got == {("naive", 3), ("krylov", 3), ("stream", 3), ("stream0", 3), ("qr", 3),
+                   ("naive", 8), ("krylov", 8), ("stream", 8), ("stream0", 8)}
     assert all(r["seconds"] >= 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
-    assert "stream/naive N=8" in result["ratios"]
+    assert "stream/naive N=8" in result["ratios"] and "krylov/naive N=8" in result["ratios"]
+    assert result["stream_memory_growth"]["method"] == "krylov"
     assert result["accuracy"]["stream_error_over_optimal"] >= 1 - 1e-6
+    # 3 sites of rank 4 (Σr = 12) fit in the Krylov blocks (2 x 12 columns): exact
+    assert abs(result["accuracy"]["krylov_error_over_optimal"] - 1) < 1e-4
     assert abs(result["accuracy"]["qr_error_over_optimal"] - 1) < 1e-6  # the stacked QR is exact
     aggregate.plot(result, tmp_path / "aggregate.png")
     assert (tmp_path / "aggregate.png").stat().st_size > 0
-    assert "stream/naive" in aggregate.summary(result)
+    assert "stream/naive" in aggregate.summary(result) and "krylov" in aggregate.summary(result)
     json.dumps(result, default=str)
 
 

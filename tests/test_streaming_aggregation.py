@@ -105,3 +105,100 @@ def test_naive_stream_equals_naive_with_mixed_ranks():
 def test_no_updates_rejected():
     with pytest.raises(ValueError):
         streaming_lora_aggregate([], 4)
+
+
+# -- the block Krylov path: what exact_lora_aggregate runs above STACK_LIMIT ----------------
+from fedmoe.server.federation import streaming_aggregation  # noqa: E402
+from fedmoe.server.federation.streaming_aggregation import block_krylov_lora_aggregate  # noqa: E402
+
+
+def flat_site(rank: int, out: int, inn: int, seed: int) -> LoraDelta:
+    """Independent Gaussian factors: the sum of many has a flat spectrum (the hard case)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(rank, inn, generator=g) / inn**0.5, torch.randn(out, rank, generator=g) / rank**0.5
+    return LoraDelta.from_factors({"m": (a, b)}, rank, 2.0 * rank, "fp")
+
+
+def test_block_krylov_is_exact_when_two_blocks_cover_the_whole_rank():
+    # module 128 x 96 (wider than two blocks of 8 + 4), Σr = 4 + 8 + 8 = 20 <= 24 columns of Krylov space
+    updates = [(flat_site(4, 128, 96, 1), 1.0), (flat_site(8, 128, 96, 2), 3.0), (flat_site(8, 128, 96, 3), 2.0)]
+    got = block_krylov_lora_aggregate(updates, max_rank=20 - 12, oversample=4)
+    want = dense_sum(updates, "m")
+    target = best(want, 8)
+    assert torch.allclose(dense_update(got, "m").double(), target, atol=1e-4 * want.abs().max())
+    full = block_krylov_lora_aggregate(updates, max_rank=20, oversample=0)  # 2 x 20 columns >= Σr: the whole sum
+    assert torch.allclose(dense_update(full, "m").double(), want, atol=1e-4 * want.abs().max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_block_krylov_within_3_percent_of_optimal_on_a_flat_spectrum(seed):
+    # 18 sites of rank 16: Σr = 288 > STACK_LIMIT, far more than the 2 x 20 columns sketched
+    updates = [(flat_site(16, 384, 256, 100 * seed + k), float(1 + k % 3)) for k in range(18)]
+    want = dense_sum(updates, "m")
+    opt = (want - best(want, 16)).norm()
+    got = block_krylov_lora_aggregate(updates, max_rank=16, seed=seed)
+    ratio = float((want - dense_update(got, "m").double()).norm() / opt)
+    assert 1.0 <= ratio <= 1.03, ratio
+    # the range finder without power iteration, same number of sites, is measurably worse
+    plain = streaming_lora_aggregate(updates, max_rank=16, power_iters=0, seed=seed)
+    assert float((want - dense_update(plain, "m").double()).norm() / opt) > ratio + 0.02
+
+
+def test_block_krylov_matches_the_dense_truncated_svd_with_a_spectral_gap():
+    updates = [(site(8, s, decay=0.3), float(1 + s % 3)) for s in range(12)]  # Σr = 96 > 2 x 12 columns
+    got = block_krylov_lora_aggregate(updates, max_rank=8, oversample=4, dtype=torch.float64)
+    for m in MODULES:  # 48 x 40: two blocks of 12; 48 x 24: sketched whole. A larger module below
+        target = best(dense_sum(updates, m), 8)
+        assert ((dense_update(got, m).double() - target).norm() / target.norm()) < 1e-6
+    g = torch.Generator().manual_seed(7)
+    shared_a, shared_b = torch.randn(8, 200, generator=g), torch.randn(160, 8, generator=g)
+    scale = torch.tensor([0.7**c for c in range(8)])[:, None]
+    gapped = [(LoraDelta.from_factors({"m": (scale * shared_a + 0.02 * torch.randn(8, 200, generator=g),
+                                             shared_b + 0.02 * torch.randn(160, 8, generator=g))}, 8, 16.0, "fp"), 1.0 + k % 3)
+              for k in range(40)]  # Σr = 320, module 160 x 200: two blocks of 12 out of 160
+    got = block_krylov_lora_aggregate(gapped, max_rank=8, oversample=4, dtype=torch.float64)
+    want = dense_sum(gapped, "m")
+    target = best(want, 8)
+    assert ((dense_update(got, "m").double() - target).norm() / target.norm()) < 1e-3
+    assert (want - dense_update(got, "m").double()).norm() <= (want - target).norm() * (1 + 1e-4)
+
+
+def test_block_krylov_makes_four_passes_and_streams_from_a_factory():
+    calls = []
+
+    def source():
+        calls.append(1)
+        return ((flat_site(8, 96, 80, s), 1.0 + s % 2) for s in range(8))
+
+    got = block_krylov_lora_aggregate(source, max_rank=8, oversample=2)
+    assert len(calls) == 4
+    want = block_krylov_lora_aggregate(list(source()), max_rank=8, oversample=2)
+    assert torch.allclose(dense_update(got, "m"), dense_update(want, "m"), atol=1e-5)
+    assert got["m"].a.shape == (8, 80) and got["m"].b.shape == (96, 8) and got["m"].a.dtype == torch.float32
+
+
+def test_coordinator_dispatches_to_block_krylov_above_the_stack_limit(monkeypatch):
+    seen = []
+    real = streaming_aggregation.block_krylov_lora_aggregate
+
+    def spy(updates, max_rank, **kw):
+        seen.append(sum(d.rank for d, _ in updates))
+        return real(updates, max_rank, **kw)
+
+    monkeypatch.setattr(streaming_aggregation, "block_krylov_lora_aggregate", spy)
+    assert aggregation.STACK_LIMIT == 256
+    at_limit = [(flat_site(16, 48, 40, k), 1.0) for k in range(16)]  # Σr = 256: stacked QR
+    exact_lora_aggregate(at_limit, max_rank=16)
+    assert seen == []
+    above = at_limit + [(flat_site(16, 48, 40, 99), 1.0)]  # Σr = 272
+    got = exact_lora_aggregate(above, max_rank=16)
+    assert seen == [272]
+    target = best(dense_sum(above, "m"), 16)
+    assert ((dense_update(got, "m").double() - target).norm() / target.norm()) < 1e-4  # 48 x 40: sketched whole
+
+
+def test_block_krylov_rejects_bad_input():
+    with pytest.raises(ValueError):
+        block_krylov_lora_aggregate([], 4)
+    with pytest.raises(ValueError):
+        block_krylov_lora_aggregate([(flat_site(4, 16, 16, 0), 1.0)], 0)

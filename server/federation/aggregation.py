@@ -41,7 +41,8 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> LowRank:
 
 
 # Above this many stacked components (Σ r_k) the stacked QR's (Σr)² work and Σr-wide
-# memory lose to the streaming range finder (fedmoe.server.federation.streaming_aggregation).
+# memory lose to the streaming randomized block Krylov method
+# (fedmoe.server.federation.streaming_aggregation.block_krylov_lora_aggregate).
 STACK_LIMIT = 256
 
 
@@ -51,9 +52,9 @@ def exact_lora_aggregate(updates: list[tuple[LoraDelta, float]], max_rank: int) 
     if not updates or total <= 0:
         raise ValueError("no updates to aggregate")
     if sum(d.rank for d, _ in updates) > STACK_LIMIT:
-        from fedmoe.server.federation.streaming_aggregation import streaming_lora_aggregate
+        from fedmoe.server.federation.streaming_aggregation import block_krylov_lora_aggregate
 
-        return streaming_lora_aggregate(updates, max_rank)
+        return block_krylov_lora_aggregate(updates, max_rank)
     norm = [(d, w / total) for d, w in updates]
     out = {}
     for module in norm[0][0].modules():

@@ -8,7 +8,9 @@ over sites has full rank Σr and producing a site costs a copy, not a random dra
 its own; the source alone (producing the sites, no arithmetic) is timed in the same
 process and reported so both totals and source-free ("net") times can be compared.
 
-Methods: `naive` (FedIT: running sums of A and B, one pass), `stream` (exact: the
+Methods: `naive` (FedIT: running sums of A and B, one pass), `krylov` (exact: the
+randomized block Krylov method `exact_lora_aggregate` runs above its stack limit, two
+blocks of rank + --block-oversample, 4 passes), `stream` (exact: the
 randomized range finder of `fedmoe.server.federation.streaming_aggregation`, 2 + 2·power_iters
 passes; `stream0` is the same without power iterations, 2 passes), `qr` (exact: the stacked thin QRs of `fedmoe.server.federation.aggregation`; it holds the
 N sites and a 4096 x Σr stack, so it runs only where Σr ≤ --qr-max-stack).
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("naive", "stream", "stream0", "qr")
+METHODS = ("naive", "krylov", "stream", "stream0", "qr")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,9 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=2, help="transformer layers, each with q and v (default 2; a 7B has 32)")
     p.add_argument("--dim", type=int, default=4096, help="projection size, in = out (default 4096)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of every site (default 16)")
-    p.add_argument("--methods", default="naive,stream,stream0,qr", help="comma-separated subset of naive,stream,stream0,qr")
+    p.add_argument("--methods", default="naive,krylov,stream,stream0,qr",
+                   help="comma-separated subset of naive,krylov,stream,stream0,qr")
     p.add_argument("--power-iters", type=int, default=1, help="power iterations of the streaming method (default 1)")
     p.add_argument("--oversample", type=int, default=8, help="extra sketch columns of the streaming method (default 8)")
+    p.add_argument("--block-oversample", type=int, default=8,
+                   help="extra columns per block of the block Krylov method (default 8, what the coordinator runs)")
     p.add_argument("--qr-max-stack", type=int, default=256, help="run qr only where N x rank <= this (default 256)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (default 1: steadier on a shared machine; 0 = torch's choice)")
@@ -89,13 +94,14 @@ def worker(cfg: dict) -> dict:
     import torch
 
     from fedmoe.server.federation.aggregation import exact_lora_aggregate
-    from fedmoe.server.federation.streaming_aggregation import naive_lora_aggregate_stream, streaming_lora_aggregate
+    from fedmoe.server.federation.streaming_aggregation import (block_krylov_lora_aggregate, naive_lora_aggregate_stream,
+                                                                streaming_lora_aggregate)
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     warm = SiteSource(3, 1, 64, cfg["rank"], cfg["seed"])  # first linalg calls load libraries: not ours to time
     streaming_lora_aggregate(warm, cfg["rank"], power_iters=1), exact_lora_aggregate(list(warm()), cfg["rank"])
-    naive_lora_aggregate_stream(warm)
+    naive_lora_aggregate_stream(warm), block_krylov_lora_aggregate(warm, cfg["rank"])
     src = SiteSource(cfg["sites"], cfg["layers"], cfg["dim"], cfg["rank"], cfg["seed"])
     t0 = time.perf_counter()
     for _ in src():  # the source alone: what producing the sites costs, per pass
@@ -106,6 +112,8 @@ def worker(cfg: dict) -> dict:
     t0 = time.perf_counter()
     if method == "naive":
         out, passes = naive_lora_aggregate_stream(src), 1
+    elif method == "krylov":
+        out, passes = block_krylov_lora_aggregate(src, cfg["rank"], oversample=cfg["block_oversample"]), 4
     elif method in ("stream", "stream0"):
         q = 0 if method == "stream0" else cfg["power_iters"]
         out = streaming_lora_aggregate(src, cfg["rank"], oversample=cfg["oversample"], power_iters=q)
@@ -132,13 +140,13 @@ def parse_list(text: str, what: str, cast=int) -> list:
     return items
 
 
-def accuracy_check(n: int, dim: int, rank: int, oversample: int, power_iters: int, seed: int) -> dict:
+def accuracy_check(n: int, dim: int, rank: int, oversample: int, power_iters: int, seed: int, block_oversample: int = 8) -> dict:
     """One module, N sites: the streaming result's error against the dense truncated SVD
     of the sum (the optimum), as a ratio ||ΔW - approx|| / ||ΔW - best_r||."""
     import torch
 
     from fedmoe.server.federation.aggregation import dense_update, exact_lora_aggregate
-    from fedmoe.server.federation.streaming_aggregation import streaming_lora_aggregate
+    from fedmoe.server.federation.streaming_aggregation import block_krylov_lora_aggregate, streaming_lora_aggregate
 
     src = SiteSource(n, 1, dim, rank, seed)
     src.modules = src.modules[:1]
@@ -151,6 +159,8 @@ def accuracy_check(n: int, dim: int, rank: int, oversample: int, power_iters: in
     opt = float(s[rank:].norm())
     out = {"sites": n, "module_shape": [dim, dim], "optimal_residual": opt,
            "top_singular_values": [float(x) for x in s[: rank + 2]]}
+    kr = block_krylov_lora_aggregate(sites, rank, oversample=block_oversample)
+    out["krylov_error_over_optimal"] = float((dense - dense_update(kr, m).double()).norm()) / opt
     st = streaming_lora_aggregate(sites, rank, oversample=oversample, power_iters=power_iters)
     out["stream_error_over_optimal"] = float((dense - dense_update(st, m).double()).norm()) / opt
     st0 = streaming_lora_aggregate(sites, rank, oversample=oversample, power_iters=0)
@@ -175,7 +185,7 @@ def run(args) -> dict:
             if method == "qr" and n * args.rank > args.qr_max_stack:
                 continue
             cfg = {"method": method, "sites": n, "layers": args.layers, "dim": args.dim, "rank": args.rank,
-                   "oversample": args.oversample, "power_iters": args.power_iters, "threads": args.threads, "seed": args.seed}
+                   "oversample": args.oversample, "block_oversample": args.block_oversample, "power_iters": args.power_iters, "threads": args.threads, "seed": args.seed}
             proc = subprocess.run([sys.executable, "-m", "fedmoe.simulations.benchmarks.aggregate", json.dumps(cfg)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
@@ -187,21 +197,21 @@ def run(args) -> dict:
     for n in sites:
         by = {r["method"]: r for r in rows if r["sites"] == n}
         if "naive" in by:
-            for m in ("stream", "stream0", "qr"):
+            for m in ("krylov", "stream", "stream0", "qr"):
                 if m in by:
                     ratios[f"{m}/naive N={n}"] = {
                         "time": by[m]["seconds"] / max(by["naive"]["seconds"], 1e-9),
                         "net_time": by[m]["net_seconds"] / max(by["naive"]["net_seconds"], 1e-9),
                         "extra_peak_mb": by[m]["extra_peak_mb"] - by["naive"]["extra_peak_mb"]}
-    stream = [r for r in rows if r["method"] == "stream"]
+    stream = [r for r in rows if r["method"] == "krylov"] or [r for r in rows if r["method"] == "stream"]
     growth = None
     if len(stream) >= 2:
-        growth = {"from_sites": stream[0]["sites"], "to_sites": stream[-1]["sites"],
+        growth = {"method": stream[0]["method"], "from_sites": stream[0]["sites"], "to_sites": stream[-1]["sites"],
                   "extra_peak_mb": [stream[0]["extra_peak_mb"], stream[-1]["extra_peak_mb"]]}
     # A dense SVD of 4096 x 4096 costs minutes on two cores: the check uses one module of
     # at most --accuracy-dim (the methods' behaviour does not depend on the size).
     accuracy = accuracy_check(min(sites), min(args.dim, args.accuracy_dim), args.rank, args.oversample, args.power_iters,
-                              args.seed)
+                              args.seed, args.block_oversample)
     return {"benchmark": "aggregate", "config": vars(args) | {"func": None}, "modules": 2 * args.layers,
             "shape": [args.dim, args.dim], "rows": rows, "ratios": ratios, "stream_memory_growth": growth,
             "accuracy": accuracy, "cpu_count": os.cpu_count(),
@@ -218,8 +228,8 @@ def summary(result: dict) -> str:
     for k, v in result["ratios"].items():
         lines.append(f"{k}: time {v['time']:.2f}x (net of the source {v['net_time']:.2f}x), extra peak {v['extra_peak_mb']:+.0f} MB")
     a = result["accuracy"]
-    lines.append(f"accuracy (one module, N={a['sites']}): stream error / optimal rank-r error = "
-                 f"{a['stream_error_over_optimal']:.4f}, stream0 {a['stream0_error_over_optimal']:.4f}" + (f", qr {a['qr_error_over_optimal']:.4f}" if "qr_error_over_optimal" in a else ""))
+    lines.append(f"accuracy (one module, N={a['sites']}): error / optimal rank-r error: krylov "
+                 f"{a['krylov_error_over_optimal']:.4f}, stream {a['stream_error_over_optimal']:.4f}, stream0 {a['stream0_error_over_optimal']:.4f}" + (f", qr {a['qr_error_over_optimal']:.4f}" if "qr_error_over_optimal" in a else ""))
     return "\n".join(lines)
 
 
