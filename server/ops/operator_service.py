@@ -23,7 +23,8 @@ import grpc
 
 from fedmoe.protos import operator_pb2 as pb
 from fedmoe.protos import operator_pb2_grpc as pb_grpc
-from fedmoe.server.ops.dashboard import RunView, _clean, bearer, new_token, token_matches, watch_events
+from fedmoe.server.ops.access import bearer, new_token, token_matches
+from fedmoe.server.ops.dashboard import RunView, _clean, watch_events
 from fedmoe.shared.errors import FedmoeError
 
 

@@ -47,7 +47,7 @@ class APIError(Exception):
 def load_api_keys(key_file: str | None) -> tuple[list[str], bool]:
     """The accepted keys (from `key_file`, one per line, '#' comments; else
     $FEDMOE_API_KEY; else one new key) and whether the key was generated here."""
-    from fedmoe.server.ops.dashboard import new_token
+    from fedmoe.server.ops.access import new_token
 
     if key_file:
         path = Path(key_file)
@@ -111,7 +111,7 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from fedmoe.server.ops.dashboard import bearer, token_matches
+    from fedmoe.server.ops.access import bearer, token_matches
 
     CompletionRequest, ChatCompletionRequest = _request_models()
     app = FastAPI(title="fedmoe", docs_url=None, redoc_url=None, openapi_url=None)
