@@ -56,18 +56,20 @@ def read_token(token_file: str | None, env: str, token: str | None, file_flag: s
     return token or None
 
 
-def add_token_arguments(p, what: str, env: str, prefix: str = "") -> None:
-    """--token / --token-file (with `prefix`, e.g. "dashboard-": --dashboard-token ...)."""
-    dest = prefix.replace("-", "_")
+def add_token_arguments(p, what: str, env: str, prefix: str = "", dest: str | None = None) -> None:
+    """--token / --token-file (with `prefix`, e.g. "dashboard-": --dashboard-token ...);
+    args.<dest>token, args.<dest>token_file (dest: the prefix, by default)."""
+    dest = prefix.replace("-", "_") if dest is None else dest
     p.add_argument(f"--{prefix}token", dest=f"{dest}token", default=None,
                    help=f"{what} token (visible in `ps`: prefer --{prefix}token-file or ${env})")
     p.add_argument(f"--{prefix}token-file", dest=f"{dest}token_file", default=None,
                    help=f"file holding the {what} token (read before ${env} and --{prefix}token)")
 
 
-def add_tls_arguments(p, what: str, prefix: str = "") -> None:
-    """--tls-cert / --tls-key (with `prefix`: --dashboard-tls-cert ...)."""
-    dest = prefix.replace("-", "_")
+def add_tls_arguments(p, what: str, prefix: str = "", dest: str | None = None) -> None:
+    """--tls-cert / --tls-key (with `prefix`: --dashboard-tls-cert ...); args.<dest>tls_cert,
+    args.<dest>tls_key."""
+    dest = prefix.replace("-", "_") if dest is None else dest
     p.add_argument(f"--{prefix}tls-cert", dest=f"{dest}tls_cert", default=None,
                    help=f"certificate chain (PEM): {what} over TLS (needed off loopback)")
     p.add_argument(f"--{prefix}tls-key", dest=f"{dest}tls_key", default=None, help=f"private key (PEM) of --{prefix}tls-cert")
