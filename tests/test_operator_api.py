@@ -75,15 +75,23 @@ def add_round(run_dir: Path, rnd: int, loss: float, reject: bool = False) -> Non
     store.close()
 
 
-def http_get(url: str, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
+def http_get(url: str, path: str, headers: dict | None = None, method: str = "GET",
+             ca: str | None = None) -> tuple[int, "http.client.HTTPMessage", bytes]:
+    """One request; the headers come back as a case-insensitive mapping. An https URL is
+    checked against the CA certificate file `ca`."""
     host, port = url.split("//")[1].strip("/").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    if url.startswith("https:"):
+        import ssl
+
+        conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=ssl.create_default_context(cafile=ca))
+    else:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         conn.request(method, path, headers=headers or {})
         resp = conn.getresponse()
         # the event stream never ends: read only what is there
         body = resp.read(200) if resp.getheader("Content-Type", "").startswith("text/event-stream") else resp.read()
-        return resp.status, dict(resp.getheaders()), body
+        return resp.status, resp.headers, body
     finally:
         conn.close()
 

@@ -40,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="do not echo the run's log (it is always in OUT/coordinator.log)")
     from fedmoe.server.commands.dashboard import add_operator_flags
 
-    add_operator_flags(p, embedded=True)  # --http-port (dashboard), --operator-port, --dashboard-host, --dashboard-token
+    # --http-port (dashboard), --operator-port, --dashboard-{host,token,token-file,tls-cert,tls-key}
+    add_operator_flags(p, embedded=True)
     add_json_flag(p)
     p.set_defaults(func=cmd_coordinator_start)
 
@@ -52,7 +53,10 @@ def cmd_coordinator_start(args) -> int:
     from fedmoe.server.federation.faults import armed_faults
     from fedmoe.shared.errors import FedmoeError
 
+    from fedmoe.server.commands.dashboard import operator_args
+
     armed_faults()  # FEDMOE_FAULT reaches the ServerApp: check it here, in one line
+    ops = operator_args(args)  # the dashboard's flags: TLS off loopback, the token
     if args.resume and args.out and Path(args.resume).resolve() != Path(args.out).resolve():
         raise FedmoeError("--resume OUT and --out name different folders: give one")
     if not (args.resume or args.out):
@@ -80,7 +84,7 @@ def cmd_coordinator_start(args) -> int:
 
     from fedmoe.server.commands.dashboard import start_from_args as start_operator_endpoints
 
-    operator = start_operator_endpoints(args, args.out, out=lambda text: print(text, file=sys.stderr, flush=True))
+    operator = start_operator_endpoints(args, args.out, out=lambda text: print(text, file=sys.stderr, flush=True), ops=ops)
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = run_coordinator(args.out, args.host, args.port, sec, run_config, timeout=args.timeout, echo=echo)

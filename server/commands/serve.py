@@ -13,45 +13,21 @@ cross a network in the clear.
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from fedmoe.server.ops.access import add_tls_arguments, add_token_arguments, check_tls, read_token
 from fedmoe.shared.cli import add_json_flag, print_json
 from fedmoe.shared.errors import FedmoeError
 
 TOKEN_ENV = "FEDMOE_SERVE_TOKEN"
 
 
-def add_token_arguments(p, what: str) -> None:
-    p.add_argument("--token", default=None, help=f"{what} token (visible in `ps`: prefer --token-file or ${TOKEN_ENV})")
-    p.add_argument("--token-file", default=None, help=f"file holding the {what} token")
-
-
 def resolve_token(args) -> str | None:
     """--token-file, then $FEDMOE_SERVE_TOKEN, then --token; None if none is given."""
-    if args.token_file:
-        path = Path(args.token_file)
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise FedmoeError(f"--token-file {path}: {exc.strerror or exc}") from None
-        if not token:
-            raise FedmoeError(f"--token-file {path} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or args.token or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return read_token(args.token_file, TOKEN_ENV, args.token)
 
 
 def register(sub) -> None:
@@ -72,7 +48,7 @@ def register(sub) -> None:
     a.add_argument("--top-k", type=int, default=0, help="experts to mix (default 1)")
     a.add_argument("--route", action="store_true", help="only show the gate's expert distribution")
     a.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer")
-    add_token_arguments(a, "the server's")
+    add_token_arguments(a, "the server's", TOKEN_ENV)
     a.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to check a TLS server against")
     add_json_flag(a)
     a.set_defaults(func=cmd_ask)
@@ -88,9 +64,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to gather a batch (default 10 ms)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting at most; more get RESOURCE_EXHAUSTED (gRPC) or 429 (HTTP) (default 64)")
-    add_token_arguments(p, "serve")
-    p.add_argument("--tls-cert", default=None, help="certificate chain (PEM): serve TLS (needed off loopback)")
-    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
+    add_token_arguments(p, "serve", TOKEN_ENV)
+    add_tls_arguments(p, "serve gRPC and the HTTP API")
     p.add_argument("--http-port", type=int, default=None,
                    help="OpenAI-compatible HTTP API (/v1) on this port (0 = any free port; default: off)")
     p.add_argument("--api-key-file", default=None,
@@ -108,17 +83,8 @@ def start_from_args(args):
         raise FedmoeError(f"--grpc-port must be between 0 and 65535, got {args.grpc_port}")
     if args.max_batch < 1:
         raise FedmoeError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise FedmoeError("--tls-cert and --tls-key go together")
-    if not is_loopback(args.host) and not args.tls_cert:
-        raise FedmoeError(f"--host {args.host} is not loopback: serving beyond this machine needs TLS "
-                          "(--tls-cert, --tls-key); the token must not travel in the clear")
-    tls = None
-    if args.tls_cert:
-        try:
-            tls = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
-        except OSError as exc:
-            raise FedmoeError(f"TLS files: {exc.filename}: {exc.strerror}") from None
+    tls_files = check_tls(args.host, args.tls_cert, args.tls_key)
+    tls = tls_files.pem() if tls_files else None
     token = resolve_token(args)
     interval = reload_interval(args)  # checked before the model loads
     served = load_served_run(args.run, args.device)
@@ -188,9 +154,11 @@ def start_http_api(args, serving, keys: tuple[list[str], bool] | None):
 
 
 def cmd_serve(args) -> int:
+    from fedmoe.server.commands.dashboard import operator_args
     from fedmoe.server.commands.dashboard import start_from_args as start_operator_endpoints
 
     keys = http_api_keys(args)
+    ops = operator_args(args)  # the dashboard's flags, checked before the model loads
     serving = start_from_args(args)
     served = serving.served
     try:
@@ -198,7 +166,13 @@ def cmd_serve(args) -> int:
     except BaseException:
         serving.stop()
         raise
-    operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True), ops=ops)
+    except BaseException:
+        if api is not None:
+            api.stop()
+        serving.stop()
+        raise
     info = {"address": f"{serving.host}:{serving.port}", "port": serving.port, "run": args.run,
             "experts": served.experts, "gates": list(served.gates), "default_gate": serving.default_gate,
             "tls": bool(args.tls_cert), "round": served.round,

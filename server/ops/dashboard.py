@@ -1,8 +1,13 @@
 """The operator's web dashboard: a read-only view of one run folder's run store.
 
-    handle = start_dashboard("runs/smoke")            # background thread, 127.0.0.1, ephemeral port
+    handle = start_dashboard("runs/smoke")            # uvicorn on a background thread, 127.0.0.1, ephemeral port
     print(handle.url_with_token)                      # open this once; the page keeps the token
     handle.stop()
+
+A Starlette app on uvicorn (asgi_server.py): one event loop, no thread per connection; a
+connection that sends no request for `idle_timeout` seconds is closed, at most
+`max_connections` are open, and `tls` (a certificate and key) serves HTTPS, which a
+non-loopback host needs.
 
 `RunView` turns the run store (SQLite, opened read-only for every snapshot, so a live
 coordinator's writes show up as they are committed) into the plain dicts that both the
@@ -25,30 +30,25 @@ Routes (GET only; every one needs the bearer token):
 
 The token is accepted as `Authorization: Bearer T`, as the `fedmoe_token_<port>` cookie that a
 page load with `?token=T` sets (EventSource and <script src> cannot send headers), or
-as `?token=T` on any route. Anything else is answered 401.
+as `?token=T` on any route. Anything else is answered 401 (`TokenGuard`, before any route).
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import math
-import mimetypes
 import re
-import secrets
-import socket
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
+from fedmoe.server.ops.access import TLSFiles, bearer, new_token, token_matches
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.network import is_loopback_host
 
 STATIC_DIR = Path(__file__).resolve().parent / "dashboard_static"
 BASELINE_EXPERT = "all"  # strategy.SINGLE_EXPERT: the single-model FedAvg baseline, trained alongside
@@ -58,21 +58,6 @@ ROUTING_METRIC = "routing_share"
 COOKIE = "fedmoe_token"
 PAGE_LIMIT, MAX_PAGE_LIMIT = 100, 1000  # rows an API page lists unasked, and at most
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # as shared/delta.py (not imported: it pulls in torch)
-
-
-def new_token() -> str:
-    # hex: never starts with "-" (which argparse would take for an option in `--token T`)
-    return secrets.token_hex(20)
-
-
-def token_matches(given: str | None, token: str) -> bool:
-    return given is not None and hmac.compare_digest(given.encode(), token.encode())
-
-
-def bearer(value: str | None) -> str | None:
-    if value and value[:7].lower() == "bearer ":
-        return value[7:].strip()
-    return None
 
 
 def _num(v, default=0.0) -> float:
@@ -406,35 +391,62 @@ def diff_events(old: dict | None, new: dict) -> list[dict]:
     return events
 
 
+class EventFeed:
+    """The event stream of one watcher: `start()` gives the `snapshot` event (the overview),
+    then each `poll()` the change events since the previous one, or [None] when `heartbeat`
+    seconds passed without any (so a writer can find out that its client is gone).
+    Blocking (SQLite): a thread calls it, or an event loop through a worker thread."""
+
+    def __init__(self, view: RunView, heartbeat: float = 15.0):
+        self.view, self.heartbeat = view, heartbeat
+        self._last: dict = {}
+        self._quiet = time.monotonic()
+
+    def start(self) -> dict:
+        overview = self.view.overview()
+        self._last = self.view.digest()
+        self._quiet = time.monotonic()
+        return {"kind": "snapshot", "time": time.time(), "round": overview["current_round"],
+                "message": f"{overview['state']}: round {overview['current_round']}/{overview['total_rounds'] or '?'}",
+                "overview": overview}
+
+    def poll(self) -> list[dict | None]:
+        try:
+            now = self.view.digest()
+        except sqlite3.Error:
+            return []  # e.g. the writer is mid-checkpoint; try again next tick
+        events: list[dict | None] = list(diff_events(self._last, now))
+        if not self._last.get("exists") and now.get("exists"):
+            events.insert(0, {"kind": "run_state", "time": time.time(), "round": 0, "state": now.get("state"),
+                              "message": f"run {now.get('state')}"})
+        self._last = now
+        if events:
+            self._quiet = time.monotonic()
+        elif time.monotonic() - self._quiet >= self.heartbeat:
+            self._quiet = time.monotonic()
+            events.append(None)
+        return events
+
+
 def watch_events(view: RunView, stop: threading.Event, interval: float = 0.5, heartbeat: float = 15.0):
     """Yield a `snapshot` event (the overview), then change events as the run store moves;
     yields None every `heartbeat` seconds without change so callers can detect a gone client."""
-    overview = view.overview()
-    yield {"kind": "snapshot", "time": time.time(), "round": overview["current_round"],
-           "message": f"{overview['state']}: round {overview['current_round']}/{overview['total_rounds'] or '?'}",
-           "overview": overview}
-    last = view.digest()
-    quiet = time.monotonic()
+    feed = EventFeed(view, heartbeat)
+    yield feed.start()
     while not stop.wait(interval):
-        try:
-            now = view.digest()
-        except sqlite3.Error:
-            continue  # e.g. the writer is mid-checkpoint; try again next tick
-        events = diff_events(last, now)
-        if not last.get("exists") and now.get("exists"):
-            events.insert(0, {"kind": "run_state", "time": time.time(), "round": 0, "state": now.get("state"),
-                              "message": f"run {now.get('state')}"})
-        last = now
-        for e in events:
-            yield e
-        if events:
-            quiet = time.monotonic()
-        elif time.monotonic() - quiet >= heartbeat:
-            quiet = time.monotonic()
-            yield None
+        yield from feed.poll()
 
 
-# -- HTTP ------------------------------------------------------------------------------------------
+# -- HTTP (Starlette on uvicorn: see asgi_server.py for the bounds) ---------------------------------
+
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"content-security-policy", b"default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                     b"img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'")]
+REFUSAL_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>401 Unauthorized</title></head><body>"
+                b"<h1 id='refused'>401 Unauthorized</h1><p>This fedmoe dashboard needs its access token. "
+                b"Open the address printed when the dashboard started (it ends in <code>?token=...</code>).</p>"
+                b"</body></html>")
 
 
 def plotly_js() -> Path:
@@ -449,150 +461,13 @@ def plotly_js() -> Path:
     return path
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "fedmoe-dashboard"
-    protocol_version = "HTTP/1.1"
-    dashboard: "Dashboard"  # set on the subclass made per server
-    _head = False
-
-    def log_message(self, format, *args):  # no access log on stderr (it would interleave with the run's)
-        pass
-
-    # every verb is answered: 401 without the token, 405 with it (the dashboard is read-only)
-    def do_GET(self):
-        self._dispatch(head=False)
-
-    def do_HEAD(self):
-        self._dispatch(head=True)
-
-    def _refuse_write(self):
-        if self._authorized()[0]:
-            self._send_json({"error": "the dashboard is read-only"}, HTTPStatus.METHOD_NOT_ALLOWED, extra={"Allow": "GET, HEAD"})
-        else:
-            self._unauthorized()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_write
-
-    # -- auth ------------------------------------------------------------------------------------
-    def _authorized(self) -> tuple[bool, bool]:
-        """(authorized, came from the query string)."""
-        token = self.dashboard.token
-        if token_matches(bearer(self.headers.get("Authorization")), token):
-            return True, False
-        cookie = SimpleCookie()
-        try:
-            cookie.load(self.headers.get("Cookie") or "")
-        except Exception:
-            pass
-        name = self.dashboard.cookie_name
-        if name in cookie and token_matches(cookie[name].value, token):
-            return True, False
-        query = parse_qs(urlsplit(self.path).query).get("token", [None])[0]
-        return token_matches(query, token), True
-
-    def _unauthorized(self):
-        wants_html = "text/html" in (self.headers.get("Accept") or "") and not urlsplit(self.path).path.startswith("/api/")
-        if wants_html:
-            body = (b"<!doctype html><html><head><meta charset='utf-8'><title>401 Unauthorized</title></head><body>"
-                    b"<h1 id='refused'>401 Unauthorized</h1><p>This fedmoe dashboard needs its access token. "
-                    b"Open the address printed when the dashboard started (it ends in <code>?token=...</code>).</p>"
-                    b"</body></html>")
-            self._send(HTTPStatus.UNAUTHORIZED, body, "text/html; charset=utf-8", {"WWW-Authenticate": 'Bearer realm="fedmoe"'})
-        else:
-            self._send_json({"error": "unauthorized: send Authorization: Bearer <token>"}, HTTPStatus.UNAUTHORIZED,
-                            extra={"WWW-Authenticate": 'Bearer realm="fedmoe"'})
-
-    # -- routing ---------------------------------------------------------------------------------
-    def _dispatch(self, head: bool):
-        self._head = head
-        ok, via_query = self._authorized()
-        if not ok:
-            return self._unauthorized()
-        path = urlsplit(self.path).path
-        extra = {}
-        if via_query:
-            # Keep the token in an HttpOnly cookie so the page's EventSource and <script> loads carry it.
-            extra["Set-Cookie"] = f"{self.dashboard.cookie_name}={self.dashboard.token}; HttpOnly; SameSite=Strict; Path=/"
-        try:
-            if path in ("/", "/index.html"):
-                return self._send_file(STATIC_DIR / "index.html", extra)
-            if path == "/favicon.ico":
-                return self._send(HTTPStatus.NO_CONTENT, b"", "text/plain", extra)
-            if path == "/static/plotly.min.js":
-                return self._send_file(plotly_js(), extra, cache=True)
-            if path.startswith("/static/"):
-                target = (STATIC_DIR / path[len("/static/"):]).resolve()
-                if STATIC_DIR.resolve() in target.parents and target.is_file():
-                    return self._send_file(target, extra)
-                return self._send_json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
-            if path == "/api/events":
-                return self._events()
-            try:
-                api = self.dashboard.api(path, parse_qs(urlsplit(self.path).query))
-            except FedmoeError as exc:
-                return self._send_json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
-            if api is None:
-                return self._send_json({"error": f"not found: {path}"}, HTTPStatus.NOT_FOUND)
-            body, headers = api()
-            return self._send_json(body, extra=extra | headers)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as exc:
-            self._send_json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    # -- responses -------------------------------------------------------------------------------
-    def _send(self, status, body: bytes, ctype: str, extra: dict | None = None, cache: bool = False):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "private, max-age=3600" if cache else "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("Content-Security-Policy", "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                         "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if not self._head:
-            self.wfile.write(body)
-
-    def _send_json(self, obj, status=HTTPStatus.OK, extra: dict | None = None):
-        self._send(status, json.dumps(obj, default=str, allow_nan=False).encode(), "application/json", extra)
-
-    def _send_file(self, path: Path, extra: dict, cache: bool = False):
-        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if ctype.startswith("text/") or ctype.endswith("javascript"):
-            ctype += "; charset=utf-8"
-        self._send(HTTPStatus.OK, path.read_bytes(), ctype, extra, cache=cache)
-
-    def _events(self):
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
-        self.close_connection = True
-        if self._head:
-            return
-        stop = self.dashboard.stopping
-        self.wfile.write(b"retry: 2000\n\n")
-        self.wfile.flush()
-        for event in watch_events(self.dashboard.view, stop, self.dashboard.poll_interval):
-            if event is None:
-                self.wfile.write(b": keep-alive\n\n")
-            else:
-                data = json.dumps(_clean(event), default=str, allow_nan=False)
-                self.wfile.write(f"event: {event['kind']}\ndata: {data}\n\n".encode())
-            self.wfile.flush()
-
-
-def page_args(query: dict) -> tuple[int, int]:
-    """(limit, offset) from a parsed query string: whole numbers, limit 1..MAX_PAGE_LIMIT."""
+def page_args(query) -> tuple[int, int]:
+    """(limit, offset) from a query string ({name: [values]}, or Starlette's QueryParams):
+    whole numbers, limit 1..MAX_PAGE_LIMIT."""
     out = []
     for name, default, low in (("limit", PAGE_LIMIT, 1), ("offset", 0, 0)):
-        raw = (query.get(name) or [str(default)])[-1]
+        values = query.getlist(name) if hasattr(query, "getlist") else query.get(name)
+        raw = (values or [str(default)])[-1]
         if not raw.isdigit() or int(raw) < low or (name == "limit" and int(raw) > MAX_PAGE_LIMIT):
             bound = f"between 1 and {MAX_PAGE_LIMIT}" if name == "limit" else "a whole number >= 0"
             raise FedmoeError(f"?{name} must be {bound}, got {raw[:40]!r}")
@@ -611,6 +486,144 @@ def _clean(obj):
     return obj
 
 
+def _json(obj, status: int = 200, headers: dict | None = None):
+    from starlette.responses import Response
+
+    return Response(json.dumps(_clean(obj), default=str, allow_nan=False), status, headers, "application/json")
+
+
+class TokenGuard:
+    """ASGI middleware in front of every route: the bearer token (401 without it; a
+    readable page for a browser), read-only (405 for other verbs, with the token), the
+    security headers on every answer, and the token cookie when it came in the query."""
+
+    def __init__(self, app, dashboard: "Dashboard"):
+        self.app, self.dash = app, dashboard
+
+    def authorized(self, conn) -> tuple[bool, bool]:
+        """(authorized, came from the query string)."""
+        token = self.dash.token
+        if token_matches(bearer(conn.headers.get("authorization")), token):
+            return True, False
+        if token_matches(conn.cookies.get(self.dash.cookie_name), token):
+            return True, False
+        return token_matches(conn.query_params.get("token"), token), True
+
+    async def __call__(self, scope, receive, send):
+        from starlette.requests import HTTPConnection
+        from starlette.responses import Response
+
+        if scope["type"] != "http":  # no websockets here (uvicorn runs with lifespan off)
+            return
+        conn = HTTPConnection(scope)
+        ok, via_query = self.authorized(conn)
+        extra = list(SECURITY_HEADERS)
+        if ok and via_query:
+            # Keep the token in an HttpOnly cookie so the page's EventSource and <script> loads carry it.
+            cookie = f"{self.dash.cookie_name}={self.dash.token}; HttpOnly; SameSite=Strict; Path=/"
+            extra.append((b"set-cookie", (cookie + ("; Secure" if self.dash.tls else "")).encode()))
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                message = message | {"headers": headers + extra}
+            await send(message)
+
+        if not ok:
+            challenge = {"WWW-Authenticate": 'Bearer realm="fedmoe"'}
+            if "text/html" in conn.headers.get("accept", "") and not conn.url.path.startswith("/api/"):
+                response = Response(REFUSAL_PAGE, 401, challenge, "text/html; charset=utf-8")
+            else:
+                response = _json({"error": "unauthorized: send Authorization: Bearer <token>"}, 401, challenge)
+            return await response(scope, receive, send_with_headers)
+        if scope["method"] not in ("GET", "HEAD"):
+            response = _json({"error": "the dashboard is read-only"}, 405, {"Allow": "GET, HEAD"})
+            return await response(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+
+def build_app(dash: "Dashboard"):
+    """The dashboard's Starlette app (routes: see the module docstring)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.responses import FileResponse, Response, StreamingResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    view = dash.view
+    plotly = plotly_js()
+
+    def page(request):
+        return FileResponse(STATIC_DIR / "index.html")
+
+    def plotly_file(request):
+        return FileResponse(plotly, media_type="text/javascript; charset=utf-8",
+                            headers={"Cache-Control": "private, max-age=3600"})
+
+    def answer(fn):
+        """A JSON route over RunView (run on Starlette's worker threads: SQLite blocks)."""
+        def endpoint(request):
+            try:
+                body, headers = fn(request)
+            except FedmoeError as exc:
+                return _json({"error": str(exc)}, 400)
+            except Exception as exc:  # a half-written run store is reported, not a stack trace on stderr
+                return _json({"error": f"{type(exc).__name__}: {exc}"}, 500)
+            return _json(body, headers=headers)
+        return endpoint
+
+    def paged(rows, table: str):
+        def fn(request):
+            limit, offset = page_args(request.query_params)
+            return rows(limit, offset), {"X-Total-Count": str(view.count(table))}
+        return answer(fn)
+
+    plain = {"run": view.overview, "rounds": view.rounds, "experts": view.experts, "accuracy": view.accuracy,
+             "privacy": view.privacy, "loss": lambda: view.series("train_loss").get("train_loss", {})}
+
+    async def events(request):
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":
+            return Response(b"", headers=headers)
+        return StreamingResponse(_event_stream(dash), headers=headers)
+
+    async def not_found(request, exc: HTTPException):
+        detail = f"not found: {request.url.path}" if exc.status_code == 404 else exc.detail
+        return _json({"error": detail}, exc.status_code, exc.headers)
+
+    routes = [Route("/", page), Route("/index.html", page), Route("/favicon.ico", lambda request: Response(status_code=204)),
+              Route("/static/plotly.min.js", plotly_file), Mount("/static", StaticFiles(directory=STATIC_DIR)),
+              Route("/api/events", events),
+              Route("/api/sites", paged(view.sites, "sites")), Route("/api/rejections", paged(view.rejections, "rejections"))]
+    routes += [Route(f"/api/{name}", answer(lambda request, fn=fn: (fn(), {}))) for name, fn in plain.items()]
+    return Starlette(routes=routes, middleware=[Middleware(TokenGuard, dashboard=dash)],
+                     exception_handlers={HTTPException: not_found})
+
+
+async def _event_stream(dash: "Dashboard"):
+    """Server-sent events: `retry`, the snapshot, then the run's changes, until the client
+    leaves or the dashboard stops. The loop waits on the event loop; only the SQLite reads
+    take a worker thread, for as long as they last."""
+    from starlette.concurrency import run_in_threadpool
+
+    def frame(event: dict | None) -> bytes:
+        if event is None:
+            return b": keep-alive\n\n"
+        data = json.dumps(_clean(event), default=str, allow_nan=False)
+        return f"event: {event['kind']}\ndata: {data}\n\n".encode()
+
+    feed = EventFeed(dash.view)
+    yield b"retry: 2000\n\n"
+    yield frame(await run_in_threadpool(feed.start))
+    while not dash.stopping.is_set():
+        await asyncio.sleep(dash.poll_interval)
+        for event in await run_in_threadpool(feed.poll):
+            yield frame(event)
+
+
 @dataclass
 class Dashboard:
     """A running dashboard: `url`, `url_with_token`, `token`, `stop()`; a context manager."""
@@ -620,14 +633,14 @@ class Dashboard:
     host: str
     port: int
     poll_interval: float = 0.5
+    tls: TLSFiles | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
-    _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
+    _server: object | None = None  # asgi_server.AsgiServer
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
 
     @property
     def cookie_name(self) -> str:
@@ -638,29 +651,10 @@ class Dashboard:
     def url_with_token(self) -> str:
         return f"{self.url}?token={self.token}"
 
-    def api(self, path: str, query: dict | None = None):
-        """The route's handler: a function returning (JSON body, extra headers), or None.
-        A paged route's bad ?limit / ?offset is a FedmoeError (answered 400)."""
-        v = self.view
-        path = path.rstrip("/") or "/"
-        paged = {"/api/sites": (v.sites, "sites"), "/api/rejections": (v.rejections, "rejections")}
-        if path in paged:
-            fn, table = paged[path]
-            limit, offset = page_args(query or {})
-            return lambda: (_clean(fn(limit, offset)), {"X-Total-Count": str(v.count(table))})
-        routes = {"/api/run": v.overview, "/api/rounds": v.rounds, "/api/experts": v.experts,
-                  "/api/accuracy": v.accuracy, "/api/privacy": v.privacy,
-                  "/api/loss": lambda: v.series("train_loss").get("train_loss", {})}
-        fn = routes.get(path)
-        return (lambda: (_clean(fn()), {})) if fn else None
-
     def stop(self) -> None:
-        self.stopping.set()
+        self.stopping.set()  # event streams end within one poll interval
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._server.stop()
 
     def __enter__(self):
         return self
@@ -670,28 +664,26 @@ class Dashboard:
 
 
 def start_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                    poll_interval: float = 0.5) -> Dashboard:
-    """Serve the dashboard for `run_dir` (finished or live) from a background thread.
-    `port=0` picks a free port; `token=None` generates one (read it from the handle)."""
+                    poll_interval: float = 0.5, tls: TLSFiles | None = None, idle_timeout: float = 10.0,
+                    max_connections: int = 64) -> Dashboard:
+    """Serve the dashboard for `run_dir` (finished or live) from a background thread
+    (uvicorn). `port=0` picks a free port; `token=None` generates one (read it from the
+    handle); `tls` serves HTTPS, and a non-loopback `host` needs it. A connection idle for
+    `idle_timeout` seconds is closed; at most `max_connections` are served (503 beyond)."""
+    from fedmoe.server.ops.asgi_server import AsgiServer
+
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FedmoeError(f"run folder is not a directory: {run_dir}")
     if token is not None and not token.strip():
         raise FedmoeError("dashboard token must not be empty")
-    plotly_js()  # fail now, not on the first page load
-    dash = Dashboard(RunView(run_dir), token or new_token(), host, port, poll_interval)
-    handler = type("DashboardHandler", (_Handler,), {"dashboard": dash})
-    server_cls = type("DashboardServer", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6}) if ":" in host else ThreadingHTTPServer
-    try:
-        server = server_cls((host, port), handler)
-    except OSError as exc:
-        raise FedmoeError(f"dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    server.daemon_threads = True
-    dash._server = server
-    dash.port = server.server_address[1]
-    dash._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                    name="fedmoe-dashboard", daemon=True)
-    dash._thread.start()
+    if tls is None and not is_loopback_host(host):
+        raise FedmoeError(f"dashboard host {host} is not loopback: it needs TLS (the token must not travel in the clear)")
+    dash = Dashboard(RunView(run_dir), token or new_token(), host, port, poll_interval, tls)
+    app = build_app(dash)  # finds plotly.min.js now, not on the first page load
+    dash._server = AsgiServer(app, host, port, tls=tls, idle_timeout=idle_timeout, max_connections=max_connections,
+                              name="fedmoe-dashboard", what="dashboard")
+    dash.port = dash._server.port
     # Warm the per-layer norm cache so the first page load does not wait for it.
     threading.Thread(target=_warm, args=(dash.view,), name="fedmoe-dashboard-warm", daemon=True).start()
     return dash

@@ -7,7 +7,11 @@ automation and `fedmoe status`.
 
 Answers come from the same `RunView` as the web dashboard, so both show the same state.
 Every call needs `authorization: Bearer <token>` metadata; `TokenInterceptor` answers
-anything else with UNAUTHENTICATED before the servicer runs.
+anything else with UNAUTHENTICATED before the servicer runs. `tls` serves it over TLS,
+which a non-loopback host needs. Bounded: `max_workers` threads answer calls, at most
+`maximum_concurrent_rpcs` are in flight (RESOURCE_EXHAUSTED beyond), and `WatchEvents`
+streams may hold at most half the threads, so GetRun/ListRounds/ListSites are always
+answered; gRPC closes connections idle for `idle_timeout` seconds.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import grpc
 
 from fedmoe.protos import operator_pb2 as pb
 from fedmoe.protos import operator_pb2_grpc as pb_grpc
-from fedmoe.server.ops.dashboard import RunView, _clean, bearer, new_token, token_matches, watch_events
+from fedmoe.server.ops.access import TLSFiles, bearer, new_token, token_matches
+from fedmoe.server.ops.dashboard import RunView, _clean, watch_events
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.network import is_loopback_host
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -114,10 +120,11 @@ class _Either:
 
 
 class OperatorServicer(pb_grpc.OperatorServiceServicer):
-    def __init__(self, view: RunView, stopping: threading.Event, poll_interval: float = 0.5):
+    def __init__(self, view: RunView, stopping: threading.Event, poll_interval: float = 0.5, max_watchers: int = 4):
         self.view = view
         self.stopping = stopping
         self.poll_interval = poll_interval
+        self.watchers = threading.BoundedSemaphore(max_watchers)  # a watch holds a worker thread while it lasts
 
     def GetRun(self, request, context):
         return overview_message(self.view.overview())
@@ -129,11 +136,16 @@ class OperatorServicer(pb_grpc.OperatorServiceServicer):
         return pb.ListSitesResponse(sites=[site_message(s) for s in self.view.sites()])
 
     def WatchEvents(self, request, context):
-        gone = threading.Event()
-        context.add_callback(gone.set)  # client gone or deadline passed
-        for event in watch_events(self.view, _Either(gone, self.stopping), self.poll_interval):
-            if event is not None:
-                yield event_message(event)
+        if not self.watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many WatchEvents streams open; try again later")
+        try:
+            gone = threading.Event()
+            context.add_callback(gone.set)  # client gone or deadline passed
+            for event in watch_events(self.view, _Either(gone, self.stopping), self.poll_interval):
+                if event is not None:
+                    yield event_message(event)
+        finally:
+            self.watchers.release()
 
 
 @dataclass
@@ -143,6 +155,7 @@ class OperatorServer:
     port: int
     token: str
     stopping: threading.Event = field(default_factory=threading.Event)
+    tls: bool = False
 
     @property
     def address(self) -> str:
@@ -160,24 +173,37 @@ class OperatorServer:
 
 
 def start_operator_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                          poll_interval: float = 0.5, max_workers: int = 8) -> OperatorServer:
-    """Serve OperatorService for `run_dir` (finished or live). `port=0` picks a free port."""
+                          poll_interval: float = 0.5, max_workers: int = 8, maximum_concurrent_rpcs: int = 32,
+                          tls: TLSFiles | None = None, idle_timeout: float = 300.0) -> OperatorServer:
+    """Serve OperatorService for `run_dir` (finished or live). `port=0` picks a free port;
+    `tls` serves it over TLS (a non-loopback `host` needs it)."""
     if token is not None and not token.strip():
         raise FedmoeError("operator token must not be empty")
+    if tls is None and not is_loopback_host(host):
+        raise FedmoeError(f"operator API host {host} is not loopback: it needs TLS (the token must not travel in the clear)")
+    if max_workers < 2 or maximum_concurrent_rpcs < 1:
+        raise FedmoeError("operator API: max_workers must be >= 2 and maximum_concurrent_rpcs >= 1")
     token = token or new_token()
     stopping = threading.Event()
+    options = [("grpc.max_connection_idle_ms", int(idle_timeout * 1000)),
+               ("grpc.max_receive_message_length", 64 * 1024)]  # requests are empty messages
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedmoe-operator"),
-                         interceptors=[TokenInterceptor(token)])
-    pb_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(RunView(run_dir), stopping, poll_interval), server)
+                         interceptors=[TokenInterceptor(token)], options=options,
+                         maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+    servicer = OperatorServicer(RunView(run_dir), stopping, poll_interval, max_watchers=max_workers // 2)
+    pb_grpc.add_OperatorServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([tls.pem()]))
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise FedmoeError(f"operator API cannot listen on {address}: {exc}") from None
     if not bound:
         raise FedmoeError(f"operator API cannot listen on {address}")
     server.start()
-    return OperatorServer(server, host, bound, token, stopping)
+    return OperatorServer(server, host, bound, token, stopping, tls=tls is not None)
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -185,8 +211,16 @@ def start_operator_server(run_dir: str | Path, host: str = "127.0.0.1", port: in
 class OperatorClient:
     """`fedmoe status` and automation: the OperatorService with the token on every call."""
 
-    def __init__(self, address: str, token: str, timeout: float = 10.0):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, token: str, timeout: float = 10.0, tls_ca: str | None = None):
+        """`tls_ca`: CA certificate (PEM file) to check a TLS server against (None: plaintext)."""
+        if tls_ca:
+            try:
+                creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            except OSError as exc:
+                raise FedmoeError(f"--tls-ca {tls_ca}: {exc.strerror or exc}") from None
+            self.channel = grpc.secure_channel(address, creds)
+        else:
+            self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.OperatorServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout
@@ -226,7 +260,8 @@ def _rpc_error(exc: grpc.RpcError, address: str) -> FedmoeError:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return FedmoeError(f"operator API at {address} refused the token (UNAUTHENTICATED)")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return FedmoeError(f"no operator API at {address} (UNAVAILABLE): is the coordinator or `fedmoe dashboard` running?")
+        return FedmoeError(f"no operator API at {address} (UNAVAILABLE: {(exc.details() or '').splitlines()[0][:160]}): "
+                           "is the coordinator or `fedmoe dashboard` running, and does --tls-ca match its TLS?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return FedmoeError(f"operator API at {address} did not answer in time")
     return FedmoeError(f"operator API at {address}: {code.name}: {exc.details()}")

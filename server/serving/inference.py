@@ -193,7 +193,7 @@ class Serving:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from fedmoe.server.ops.dashboard import new_token
+        from fedmoe.server.ops.access import new_token
         from fedmoe.server.ops.operator_service import TokenInterceptor
 
         if default_gate not in served.gates:

@@ -18,8 +18,6 @@ usual exception classes.
 import asyncio
 import json
 import os
-import socket
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -49,7 +47,7 @@ class APIError(Exception):
 def load_api_keys(key_file: str | None) -> tuple[list[str], bool]:
     """The accepted keys (from `key_file`, one per line, '#' comments; else
     $FEDMOE_API_KEY; else one new key) and whether the key was generated here."""
-    from fedmoe.server.ops.dashboard import new_token
+    from fedmoe.server.ops.access import new_token
 
     if key_file:
         path = Path(key_file)
@@ -113,7 +111,7 @@ def build_app(served, default_gate: str, batcher: ContinuousBatcher, api_keys: l
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from fedmoe.server.ops.dashboard import bearer, token_matches
+    from fedmoe.server.ops.access import bearer, token_matches
 
     CompletionRequest, ChatCompletionRequest = _request_models()
     app = FastAPI(title="fedmoe", docs_url=None, redoc_url=None, openapi_url=None)
@@ -384,46 +382,29 @@ class OpenAIServer:
                  max_wait_s: float = 0.005, tls: tuple[str, str] | None = None):
         """`tls` = (certificate chain, private key), PEM files: serve HTTPS (as `fedmoe
         serve --tls-cert/--tls-key` does for gRPC, needed off loopback)."""
-        import uvicorn
+        from fedmoe.server.ops.access import TLSFiles
+        from fedmoe.server.ops.asgi_server import AsgiServer
 
         if default_gate not in served.gates:
             raise FedmoeError(f"unknown gate {default_gate!r}: available gates are {', '.join(served.gates)}")
         if not api_keys:
             raise FedmoeError("the HTTP API needs at least one API key")
         self.served, self.default_gate, self.api_keys = served, default_gate, list(api_keys)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise FedmoeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        self.host, self.port = host, sock.getsockname()[1]
-        self.scheme = "https" if tls else "http"
         self.batcher = ContinuousBatcher(served, max_batch=max_batch, max_queue=max_queue, max_wait_s=max_wait_s)
         app = build_app(served, default_gate, self.batcher, self.api_keys)
-        ssl = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
-        # timeout_keep_alive bounds idle connections; limit_concurrency bounds open ones (503 beyond)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                                    timeout_graceful_shutdown=2, timeout_keep_alive=5,
-                                                    limit_concurrency=max_queue + max_batch + 16, **ssl))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="fedmoe-http",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.batcher.stop()
-                raise FedmoeError(f"the HTTP API did not start on {host}:{self.port}")
-            time.sleep(0.02)
+        try:
+            # idle connections closed after 5 s; at most max_queue + max_batch + 16 open (503 beyond)
+            self.server = AsgiServer(app, host, port, tls=TLSFiles(*tls) if tls else None, idle_timeout=5,
+                                     max_connections=max_queue + max_batch + 16, name="fedmoe-http", what="the HTTP API")
+        except BaseException:
+            self.batcher.stop()
+            raise
+        self.host, self.port, self.scheme = host, self.server.port, self.server.scheme
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}/v1"
+        return self.server.url + "v1"
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=10)
+        self.server.stop()
         self.batcher.stop()

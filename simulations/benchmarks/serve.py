@@ -95,7 +95,7 @@ def _cell(url: str, key: str, model: str, prompts: list[str], clients: int, new_
 
 
 def run(args) -> dict:
-    from fedmoe.server.ops.dashboard import new_token
+    from fedmoe.server.ops.access import new_token
     from fedmoe.server.serving.openai_api import OpenAIServer
 
     levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
