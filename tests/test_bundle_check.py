@@ -63,6 +63,12 @@ def hand_zip(entries: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def tomllib_load(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
 def coordinator_bundle() -> bytes:
     return build(manifest())
 
@@ -132,12 +138,6 @@ def test_a_modified_reference_module_is_refused():
         fab = build(tomllib_load(ROOT / "pyproject.toml"), files)
         with pytest.raises(ForeignBundle, match=f"{rel} differs from this site's installed copy"):
             check_bundle(fab)
-
-
-def tomllib_load(path: Path) -> dict:
-    import tomllib
-
-    return tomllib.loads(path.read_text())
 
 
 @pytest.mark.parametrize("entries, needle", [
