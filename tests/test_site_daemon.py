@@ -106,11 +106,13 @@ def test_insecure_off_loopback_is_refused_in_one_line(args):
 
 
 def test_app_config_matches_pyproject():
-    from fedmoe.server.federation.coordinator import APP_CONFIG, CLIENT_APP, SERVER_APP
+    from fedmoe.server.federation.coordinator import APP_CONFIG, app_pyproject
+    from fedmoe.shared.flower_app import BUNDLE_MODULES, COMPONENTS
 
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["config"] == APP_CONFIG
-    assert app["components"] == {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
+    assert app["components"] == COMPONENTS == app_pyproject(APP_CONFIG)["tool"]["flwr"]["app"]["components"]
+    assert sorted(app["fab-include"]) == sorted(BUNDLE_MODULES)  # what a site accepts in a bundle
 
 
 def test_forwarding_clientapp_does_not_import_torch():

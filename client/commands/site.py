@@ -49,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--poll-interval", type=float, default=1.0,
                    help="seconds between the SuperNode's polls for a message, 0.05-3 (Flower's own is a fixed 3; "
                         "default 1: a round starts sooner; lower it for a few sites, raise it for thousands)")
+    p.add_argument("--trust-fab-hash", action="append", metavar="SHA256",
+                   help="run only app bundles with this sha256 (repeatable or comma-separated; the coordinator logs its "
+                        "bundle's); without it any bundle of fedmoe's own app, equal to this site's installed copy, runs")
     p.set_defaults(func=cmd_site_start)
 
 
@@ -95,6 +98,9 @@ def cmd_site_start(args) -> int:
         raise FedmoeError(f"--threads must be >= 1, got {args.threads}")
     if args.auth_supernode_private_key and not Path(args.auth_supernode_private_key).is_file():
         raise FedmoeError(f"--auth-supernode-private-key: file not found: {args.auth_supernode_private_key}")
+    from fedmoe.client.bundle_check import parse_hashes
+
+    pinned = parse_hashes(args.trust_fab_hash)
     import importlib.util
 
     if importlib.util.find_spec("flwr.supernode") is None:
@@ -137,6 +143,9 @@ def cmd_site_start(args) -> int:
         if args.max_retries is not None:
             cmd += ["--max-retries", str(args.max_retries)]
         env = dict(os.environ, FLWR_HOME=str(work / "flwr"), FEDMOE_SUPERNODE_POLL_S=str(args.poll_interval))
+        if pinned:
+            env["FEDMOE_TRUST_FAB_HASH"] = ",".join(sorted(pinned))
+            log(f"running only app bundles with sha256 {', '.join(sorted(pinned))}")
         # The SuperNode's SuperExec polls for a message to run every 1 s by default; a poll is
         # one local HTTP call, so polling faster costs little and starts each round sooner.
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")

@@ -36,10 +36,9 @@ from fedmoe.shared.processes import popen_bound_to_parent
 from fedmoe.shared.processes import stop_group as stop_tree
 from fedmoe.server.federation.run_config import deployed_run_config
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.flower_app import COMPONENTS
 
 CONNECTION = "fedmoe"
-SERVER_APP = "fedmoe.server.federation.server_app:app"
-CLIENT_APP = "fedmoe.client.client_app:app"
 
 # The run config the ServerApp reads (server_app.plan_from_run_config), with defaults:
 # the flat view of FederationPlan. pyproject.toml's [tool.flwr.app.config] is the same
@@ -90,7 +89,7 @@ def app_pyproject(config: dict) -> dict:
         "build-system": {"requires": ["setuptools>=69"], "build-backend": "setuptools.build_meta"},
         "project": {"name": "fedmoe", "version": _version(), "description": "fedmoe federation (ServerApp + ClientApp)", "license": "Apache-2.0",
                     "dependencies": []},
-        "tool": {"flwr": {"app": {"publisher": "fedmoe", "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+        "tool": {"flwr": {"app": {"publisher": "fedmoe", "components": dict(COMPONENTS),
                                   "config": dict(config)}}},
     }
 
@@ -235,6 +234,7 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
         log(f"Fleet API for the sites on {host}:{port} (pid {gate.pid}; nothing else is served there)")
         for key in sec.site_keys:
             flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env, what=f"registering {key}")
+        log(f"app bundle sha256 {bundle_sha256(app)} (sites may pin it: fedmoe site start --trust-fab-hash)")
         runner = popen_bound_to_parent(["flwr", "run", str(app), CONNECTION, "--run-config", str(home / "run-config.toml"), "--stream"],
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                        start_new_session=True)
@@ -270,6 +270,16 @@ def run_coordinator(out: str | Path, host: str, port: int, sec: Security, run_co
     if state:
         status = f"{status} (run store: {state})" if status != "unknown" else state
     return CoordinatorResult(run_id, status, rounds, experts, time.perf_counter() - started, str(out))
+
+
+def bundle_sha256(app: Path) -> str:
+    """The sha256 of the bundle `flwr run` builds from `app` (Flower builds it byte for byte
+    the same way: fixed zip dates, sorted files), the digest a site can pin."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(app)).hexdigest()
 
 
 def stored_run_config(out: str | Path) -> dict:
