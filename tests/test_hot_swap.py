@@ -106,9 +106,13 @@ def test_serve_follows_a_live_run_and_refuses_a_corrupt_round(served_run, rounds
     run = live_copy(served_run, tmp_path / "live", rounds)
     keys = tmp_path / "keys.txt"
     keys.write_text(KEY + "\n")
-    with fedmoe_serve(run, "--http-port", "0", "--api-key-file", str(keys), "--reload-interval", "0.2") as info:
+    with fedmoe_serve(run, "--http-port", "0", "--api-key-file", str(keys), "--reload-interval", "0.2",
+                      "--dashboard-port", "0", "--operator-port", "-1") as info:
         assert info["round"] == 1 and info["reload_interval"] == 0.2  # from the checkpoints: no experts/ yet
         http = httpx.Client(base_url=info["http"]["url"], headers={"authorization": f"Bearer {KEY}"}, timeout=120)
+        board = httpx.Client(base_url=info["dashboard"]["dashboard"], timeout=30,
+                             headers={"authorization": f"Bearer {info['dashboard']['token']}"})
+        assert board.get("/api/run").json()["serving"]["round"] == 1  # the dashboard names the served round
 
         def served_round(want=None, timeout=30.0):
             deadline = time.monotonic() + timeout
@@ -138,6 +142,7 @@ def test_serve_follows_a_live_run_and_refuses_a_corrupt_round(served_run, rounds
         after = {e: complete(e) for e in ("law", "medicine")}
         assert all(r == [2] for _, r in after.values())
         assert grpc_round(info) == 2  # the gRPC service says it too
+        assert board.get("/api/run").json()["serving"]["round"] == 2  # and the dashboard
 
         # round 3's recorded sha256 does not match its files: refused, round 2 keeps serving
         commit(run, 3, rounds[1], bad_sha=True, monkeypatch=monkeypatch)

@@ -80,14 +80,16 @@ def operator_args(args) -> OperatorArgs:
     return ops
 
 
-def start_from_args(args, run_dir: str | Path, out=print, ops: OperatorArgs | None = None) -> "OperatorEndpoints | None":
+def start_from_args(args, run_dir: str | Path, out=print, ops: OperatorArgs | None = None,
+                    serving=None) -> "OperatorEndpoints | None":
     """For commands that took add_operator_flags(embedded=True): start what was asked for,
     print the banner (a new token, once), return the handle (None if nothing was asked).
-    `ops`: operator_args(args), if the command checked its flags already."""
+    `ops`: operator_args(args), if the command checked its flags already; `serving`: see
+    start_operator_endpoints."""
     ops = ops or operator_args(args)
     if not ops.wanted:
         return None
-    ends = start_operator_endpoints(run_dir, ops.host, ops.http_port, ops.grpc_port, ops.token, ops.tls)
+    ends = start_operator_endpoints(run_dir, ops.host, ops.http_port, ops.grpc_port, ops.token, ops.tls, serving)
     out(ends.banner())
     return ends
 
@@ -156,18 +158,20 @@ class OperatorEndpoints:
 
 def start_operator_endpoints(run_dir: str | Path, host: str = "127.0.0.1", http_port: int | None = DEFAULT_HTTP_PORT,
                              grpc_port: int | None = DEFAULT_GRPC_PORT, token: str | None = None,
-                             tls=None) -> OperatorEndpoints:
+                             tls=None, serving=None) -> OperatorEndpoints:
     """Start the dashboard (unless http_port is None/-1) and the operator API (unless
     grpc_port is None/-1) for `run_dir`, sharing one token (None: a new one) and one TLS
     certificate (`tls`: access.TLSFiles; a non-loopback host needs it). Print `.banner()`
-    once so the operator learns a new token."""
+    once so the operator learns a new token. `serving` (fedmoe serve): a callable giving the
+    served model's swap status, which the dashboard shows as the round it serves."""
     from fedmoe.server.ops.access import new_token
     from fedmoe.server.ops.dashboard import start_dashboard
 
     ends = OperatorEndpoints(token or new_token(), token_generated=token is None, tls=tls is not None)
     try:
         if http_port is not None and http_port >= 0:
-            ends.dashboard = start_dashboard(run_dir, host=host, port=http_port, token=ends.token, tls=tls)
+            ends.dashboard = start_dashboard(run_dir, host=host, port=http_port, token=ends.token, tls=tls,
+                                             serving=serving)
         if grpc_port is not None and grpc_port >= 0:
             from fedmoe.server.ops.operator_service import start_operator_server
 

@@ -167,7 +167,8 @@ def cmd_serve(args) -> int:
         serving.stop()
         raise
     try:
-        operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True), ops=ops)
+        operator = start_operator_endpoints(args, args.run, out=lambda text: print(text, file=sys.stderr, flush=True), ops=ops,
+                                            serving=served.swap_status)
     except BaseException:
         if api is not None:
             api.stop()

@@ -71,8 +71,11 @@ class RunView:
     """Read-only snapshots of a run folder. Safe to share between threads: every call
     opens its own read-only connection and reads inside one transaction."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, serving=None):
         self.run_dir = Path(run_dir)
+        # `fedmoe serve`'s dashboard: a callable giving the served model's swap status
+        # ({"round", "swaps", ...}), shown beside the run's own rounds.
+        self.serving = serving
         self._norm_cache: dict[str, dict] = {}
         self._lock = threading.Lock()
 
@@ -135,6 +138,8 @@ class RunView:
             b = db.execute("SELECT COALESCE(SUM(bytes_in), 0), COALESCE(SUM(bytes_out), 0) FROM participation").fetchone()
             out["bytes_sent"], out["bytes_received"] = int(b[0]), int(b[1])
         out["eta_seconds"] = self._eta(out, rounds, committed, now)
+        if self.serving is not None:
+            out["serving"] = self.serving()
         return out
 
     @staticmethod
@@ -308,8 +313,11 @@ class RunView:
             rounds = [tuple(r) for r in db.execute("SELECT round, state FROM rounds ORDER BY round")]
             sites = db.execute("SELECT COUNT(*), COALESCE(MAX(last_seen), 0) FROM sites").fetchone()
             rejections = int(db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0])
-        return {"exists": True, "state": run["state"] if run else "waiting", "rounds": rounds,
-                "sites": tuple(sites), "rejections": rejections}
+        out = {"exists": True, "state": run["state"] if run else "waiting", "rounds": rounds,
+               "sites": tuple(sites), "rejections": rejections}
+        if self.serving is not None:
+            out["served_round"] = self.serving().get("round")
+        return out
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
@@ -386,6 +394,9 @@ def diff_events(old: dict | None, new: dict) -> list[dict]:
         n = new["rejections"] - old.get("rejections", 0)
         events.append({"kind": "rejection", "time": now, "round": max((r for r, _ in new.get("rounds", [])), default=0),
                        "message": f"{n} update(s) rejected"})
+    if new.get("served_round") != old.get("served_round"):
+        events.append({"kind": "served_round", "time": now, "round": new.get("served_round") or 0,
+                       "message": f"serving round {new.get('served_round')}"})
     if new.get("sites") != old.get("sites"):
         events.append({"kind": "sites", "time": now, "round": 0, "message": f"{(new.get('sites') or (0,))[0]} sites"})
     return events
@@ -665,11 +676,13 @@ class Dashboard:
 
 def start_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                     poll_interval: float = 0.5, tls: TLSFiles | None = None, idle_timeout: float = 10.0,
-                    max_connections: int = 64) -> Dashboard:
+                    max_connections: int = 64, serving=None) -> Dashboard:
     """Serve the dashboard for `run_dir` (finished or live) from a background thread
     (uvicorn). `port=0` picks a free port; `token=None` generates one (read it from the
     handle); `tls` serves HTTPS, and a non-loopback `host` needs it. A connection idle for
-    `idle_timeout` seconds is closed; at most `max_connections` are served (503 beyond)."""
+    `idle_timeout` seconds is closed; at most `max_connections` are served (503 beyond).
+    `serving` (fedmoe serve): a callable giving the served model's swap status, shown as
+    the round the model serves."""
     from fedmoe.server.ops.asgi_server import AsgiServer
 
     run_dir = Path(run_dir)
@@ -679,7 +692,7 @@ def start_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
         raise FedmoeError("dashboard token must not be empty")
     if tls is None and not is_loopback_host(host):
         raise FedmoeError(f"dashboard host {host} is not loopback: it needs TLS (the token must not travel in the clear)")
-    dash = Dashboard(RunView(run_dir), token or new_token(), host, port, poll_interval, tls)
+    dash = Dashboard(RunView(run_dir, serving), token or new_token(), host, port, poll_interval, tls)
     app = build_app(dash)  # finds plotly.min.js now, not on the first page load
     dash._server = AsgiServer(app, host, port, tls=tls, idle_timeout=idle_timeout, max_connections=max_connections,
                               name="fedmoe-dashboard", what="dashboard")

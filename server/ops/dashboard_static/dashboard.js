@@ -82,7 +82,9 @@
     badge.textContent = o.state;
     badge.className = "badge " + o.state;
     $("run-round").textContent = `${o.current_round} / ${o.total_rounds || "?"}`;
-    $("run-round-sub").textContent = o.committed_rounds !== o.current_round ? `${o.committed_rounds} committed, 1 in flight` : "";
+    const inFlight = o.committed_rounds !== o.current_round ? `${o.committed_rounds} committed, 1 in flight` : "";
+    const served = o.serving ? `serving round ${o.serving.round ?? "—"}` : "";  // fedmoe serve's dashboard
+    $("run-round-sub").textContent = [inFlight, served].filter(Boolean).join(" · ");
     tickClock();
     $("run-eta").textContent = o.state === "running" ? fmtDuration(o.eta_seconds) : o.state === "waiting" ? "—" : "done";
     $("run-sites").textContent = o.sites;
