@@ -67,6 +67,9 @@ def _num(v, default=0.0) -> float:
 # -- the data ------------------------------------------------------------------------------------
 
 
+METRIC_LABELS = {"exact_match": "exact-match accuracy", "acc_norm": "multiple-choice accuracy (acc_norm)"}
+
+
 class RunView:
     """Read-only snapshots of a run folder. Safe to share between threads: every call
     opens its own read-only connection and reads inside one transaction."""
@@ -297,7 +300,11 @@ class RunView:
                     + ("; below, final accuracies from report.json" if final else ""))
         else:
             note = "per-round accuracy is not recorded in the run store; " + ("final accuracies from report.json" if final else "no report.json yet")
-        return {"per_round": per_round or None, "final": final or None, "note": note}
+        # the report's headline (acc_norm on a multiple-choice suite, else exact match); the
+        # sites' per-round scores use the same one (report.json curves_metric)
+        metric = report.get("metric") or "exact_match"
+        return {"per_round": per_round or None, "final": final or None, "note": note,
+                "metric": METRIC_LABELS.get(metric, metric)}
 
     def privacy(self) -> dict:
         series = self.series(PRIVACY_METRICS)

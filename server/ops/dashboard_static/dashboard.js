@@ -113,14 +113,14 @@
     Plotly.react("chart-loss", lineTraces(loss), { ...BASE_LAYOUT, xaxis: roundAxis(), yaxis: { title: { text: "site train loss" } } }, PLOT_CONFIG);
   }
 
-  function drawFinalBars(id, final) {
+  function drawFinalBars(id, final, metric) {
     const methods = Object.keys(final);
     const domains = [...new Set(methods.flatMap((m) => Object.keys(final[m])))].filter((d) => d !== "mixed").sort();
     domains.push("mixed");
     const traces = methods.map((m, i) => ({
       name: m, type: "bar", x: domains, y: domains.map((d) => final[m][d] ?? null), marker: { color: COLORS[i % COLORS.length] },
     }));
-    Plotly.react(id, traces, { ...BASE_LAYOUT, barmode: "group", yaxis: { title: { text: "exact-match accuracy" }, range: [0, 1] } }, PLOT_CONFIG);
+    Plotly.react(id, traces, { ...BASE_LAYOUT, barmode: "group", yaxis: { title: { text: metric || "exact-match accuracy" }, range: [0, 1] } }, PLOT_CONFIG);
   }
 
   function drawAccuracy(acc) {
@@ -132,12 +132,12 @@
       Plotly.react("chart-accuracy", lineTraces(acc.per_round),
         { ...BASE_LAYOUT, xaxis: roundAxis(), yaxis: { title: { text: "site eval accuracy" }, range: [0, 1] } }, PLOT_CONFIG);
       show("chart-final", Boolean(acc.final));
-      if (acc.final) drawFinalBars("chart-final", acc.final); else Plotly.purge("chart-final");
+      if (acc.final) drawFinalBars("chart-final", acc.final, acc.metric); else Plotly.purge("chart-final");
     } else {
       show("chart-final", false);
       Plotly.purge("chart-final");
       show("chart-accuracy", Boolean(acc.final));
-      if (acc.final) drawFinalBars("chart-accuracy", acc.final); else Plotly.purge("chart-accuracy");
+      if (acc.final) drawFinalBars("chart-accuracy", acc.final, acc.metric); else Plotly.purge("chart-accuracy");
     }
   }
 
