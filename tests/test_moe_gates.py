@@ -236,3 +236,28 @@ def test_gate_state_round_trips_and_bad_requests_are_clear(served, mixed, tmp_pa
         served.generate(["A nurse asked. Answer:"], 10_000, gate="prototype")
     with pytest.raises(FedmoeError, match="no saved state"):
         load_gate(served, "learned", tmp_path / "nowhere")
+
+
+def test_a_rescaled_merge_equals_a_merge_built_at_that_lambda_and_top_svd_is_near_exact(served):
+    """Tuning rebuilds a merge only when its density changes (merge(λ) = λ merge(1)), and
+    the randomized top-r SVD the trimmed merges use is within 1% of the exact truncation."""
+    from fedmoe.server.moe.static_merge import add_static_merge, scale_merge, top_svd
+
+    for method in ("svd", "ties_svd", "dare_ties_svd"):
+        a = add_static_merge(served.model, served.experts, method, adapter_name="a", params={"lambda": 0.5, "density": 0.5})
+        scale_merge(served.model, a, 1.5 / 0.5)
+        b = add_static_merge(served.model, served.experts, method, adapter_name="b", params={"lambda": 1.5, "density": 0.5})
+        try:
+            got, want = _delta_weights(served.model, a), _delta_weights(served.model, b)
+            for k in want:
+                assert torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4), (method, k)
+        finally:
+            served.model.delete_adapter(a)
+            served.model.delete_adapter(b)
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(300, 8, generator=gen) @ torch.randn(8, 200, generator=gen) * 5 + torch.randn(300, 200, generator=gen)
+    for r in (4, 8, 12):
+        vh, us = top_svd(m, r, torch.Generator().manual_seed(1))
+        u, s, v = torch.linalg.svd(m, full_matrices=False)
+        best = (m - (u[:, :r] * s[:r]) @ v[:r]).norm()
+        assert (m - us @ vh).norm() <= 1.01 * best, r
