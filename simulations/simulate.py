@@ -4,6 +4,7 @@ Ray), then every method of the report scored on the mixed held-out set."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -62,18 +63,65 @@ def backend_config_for(ray_address: str | None, gpus_per_site: float = 0.0) -> d
     return {"client_resources": {"num_cpus": 1, "num_gpus": gpus_per_site}, "init_args": init_args}
 
 
+def gpus_per_site(sites: int, gpus: float) -> float:
+    """Each site actor's `num_gpus` when Ray has `gpus` GPUs: as many sites share a GPU as
+    must, so that every site has a place at once (Flower sizes its actor pool node by node
+    from these). With no GPU, none: Ray hides the GPU from an actor that asks for none."""
+    if gpus < 1 or sites < 1:
+        return 0.0
+    return 1.0 / math.ceil(sites / int(gpus))
+
+
+def check_ray_address(address: str) -> None:
+    """`--ray-address` is HOST:PORT and something listens there (Ray would retry for minutes)."""
+    import socket
+
+    from fedmoe.shared.network import split_host_port
+
+    host, port = split_host_port(address, "--ray-address")
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise FedmoeError(f"--ray-address {address}: no Ray head answers there ({e.strerror or e}); "
+                          f"start one with `ray start --head --port {port}`") from None
+
+
+def join_ray_cluster(address: str) -> float:
+    """Connect this process to the Ray cluster at `--ray-address` before Flower does (Flower
+    then uses this connection), so that a wrong address or a missing token is a one-line
+    error instead of a run that hangs; returns the cluster's GPU count."""
+    import ray
+
+    try:  # Flower's own ray.init adds a PYTHONPATH runtime_env: the driver's paths mean nothing on other machines
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # ConnectionError, ray.exceptions.AuthenticationError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedmoeError(f"--ray-address {address}: could not join the Ray cluster ({reason[:200]}); a cluster "
+                          "started with RAY_AUTH_MODE=token needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN "
+                          "or RAY_AUTH_TOKEN_PATH) here too") from None
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def run_flower(plan, site_plan: list[dict], ray_address: str | None) -> dict:
     from contextlib import nullcontext
 
-    from fedmoe.simulations.local_ray import loopback_ray
+    from fedmoe.shared.network import split_host_port
+    from fedmoe.simulations.local_ray import cluster_mode_off, loopback_only, loopback_ray
 
     import torch
 
     results: dict = {}
-    # Ray hides the GPU from an actor that asks for none, so with CUDA present the sites share it.
-    gpus = 1.0 / len(site_plan) if torch.cuda.is_available() else 0.0
-    backend_config = backend_config_for(ray_address, gpus)
-    with nullcontext() if ray_address else loopback_ray():  # a Ray we start: loopback only, token auth
+    if ray_address:  # the operator's cluster, its token (if any) in our environment
+        check_ray_address(ray_address)
+        context = cluster_mode_off() if loopback_only(*split_host_port(ray_address)) else nullcontext()
+    else:
+        context = loopback_ray()  # a Ray we start: loopback only, token auth
+    with context:
+        if ray_address:  # the cluster's GPUs, wherever they are: this machine may have none
+            gpus = join_ray_cluster(ray_address)
+        else:
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        backend_config = backend_config_for(ray_address, gpus_per_site(len(site_plan), gpus))
         from flwr.simulation import run_simulation  # imports ray: inside, so that Ray sees RAY_AUTH_MODE
 
         from fedmoe.client.client_app import build_client_app
@@ -189,6 +237,8 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
     rounds = preset.rounds if opts.rounds is None else opts.rounds
     if rounds < 1:
         raise FedmoeError(f"--rounds must be >= 1, got {rounds}")
+    if ray_address:
+        check_ray_address(ray_address)  # before anything is written to --out
     strategy = replace(run.strategy, single_expert=baselines)  # checked here, before anything is written to --out
     aggregation, compression, robust = strategy.aggregation, strategy.compression, strategy.robust
     server_opt, prox_mu = strategy.server_opt, strategy.prox_mu
