@@ -112,7 +112,7 @@ def gate_privacy_lines(report: dict) -> str:
             continue
         acc = f"routing accuracy {entry['routing_accuracy']:.3f}" if "routing_accuracy" in entry else ""
         if not gate["private"]:
-            out.append(f"- `{name}`: **not private** ({gate.get('privacy', 'no noise')}); {acc}\n")
+            out.append(f"- `{name}`: **not private** ({gate.get('privacy', 'no noise').removeprefix('not private: ')}); {acc}\n")
             continue
         parts = f"ε = {gate['epsilon']:.3g} at δ = {gate['delta']:g}, noise multiplier {gate['noise_multiplier']:g}, clip {gate['clip_norm']:g}"
         if "epsilon_router" in gate:
