@@ -15,11 +15,14 @@ Without it (simulation, or a bare SuperNode given `data-path`) the site code run
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe.client import daemon, secagg
 from fedmoe.client.jobs import evaluate_in_process, train_in_process
+from fedmoe.shared.errors import SitePolicyError
+
+POLICY_REFUSAL = 1000  # Error code of a message the site refuses under its privacy policy (Flower's are < 100)
 
 DAEMON_TIMEOUT = 24 * 3600.0  # the coordinator's round deadline is what bounds a round
 
@@ -65,16 +68,22 @@ def build_client_app(plan: list[dict] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         if secagg.is_secagg_fit(msg):  # --privacy secagg: SecAgg+ masks what this returns
             return secagg.fit_reply(msg, lambda arrays, cfg: train_records(arrays, cfg, context))
-        arrays, meta, metrics = train_records(msg.content["arrays"], msg.content["config"], context)
+        try:
+            arrays, meta, metrics = train_records(msg.content["arrays"], msg.content["config"], context)
+        except SitePolicyError as exc:  # refused: no update; the reason, in one line, is the reply
+            return Message(Error(code=POLICY_REFUSAL, reason=str(exc)), reply_to=msg)
         return Message(RecordDict({"arrays": arrays, "config": meta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        if address := daemon_for(context, plan):
-            metrics = daemon.forward_evaluate(address, msg.content["arrays"], msg.content["config"], context.run_id,
-                                              DAEMON_TIMEOUT)
-        else:
-            metrics = evaluate_in_process(settings_for(context, plan), msg.content["arrays"], msg.content["config"])
+        try:
+            if address := daemon_for(context, plan):
+                metrics = daemon.forward_evaluate(address, msg.content["arrays"], msg.content["config"], context.run_id,
+                                                  DAEMON_TIMEOUT)
+            else:
+                metrics = evaluate_in_process(settings_for(context, plan), msg.content["arrays"], msg.content["config"])
+        except SitePolicyError as exc:
+            return Message(Error(code=POLICY_REFUSAL, reason=str(exc)), reply_to=msg)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 
 from fedmoe.protos import site_daemon_pb2, site_daemon_pb2_grpc
-from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.errors import FedmoeError, SitePolicyError
 from fedmoe.shared.network import is_loopback_host, split_host_port
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # adapters of large models are far over gRPC's 4 MB default
@@ -88,6 +88,8 @@ class SiteDaemonServicer(site_daemon_pb2_grpc.SiteDaemonServicer):
         try:
             with self._lock:
                 return fn()
+        except SitePolicyError as exc:  # refused under the site's policy: the forwarder raises it again
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except FedmoeError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Exception as exc:  # report, keep serving
@@ -113,7 +115,13 @@ class SiteDaemonServicer(site_daemon_pb2_grpc.SiteDaemonServicer):
             rnd, expert = config.get("round"), config.get("expert")
             self.log(f"train: run {request.run_id} round {rnd} expert {expert}, {config.get('steps')} steps")
             started = time.perf_counter()
-            out_arrays, meta, metrics = train_in_process(self.settings, arrays, config)
+            try:
+                out_arrays, meta, metrics = train_in_process(self.settings, arrays, config)
+            except SitePolicyError as exc:  # nothing was trained or sent; the refusal is audited
+                self.audit.write({"message": "train", "run_id": request.run_id, "round": rnd, "expert": expert,
+                                  "arrived": arrived, "privacy": config.get("privacy"), "refused": str(exc)})
+                self.log(f"train: {exc}")
+                raise
             reply = site_daemon_pb2.TrainReply(payload=records_to_payload(out_arrays, meta), metrics_json=json.dumps(metrics))
             self.audit.write({"message": "train", "run_id": request.run_id, "round": rnd, "expert": expert,
                               "arrived": arrived, "received_checksum": config.get("checksum"),
@@ -187,6 +195,8 @@ def call(address: str, method: str, request, timeout: float):
     try:
         return getattr(stub_for(address), method)(request, timeout=timeout)
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+            raise SitePolicyError(exc.details() or "site policy: refused") from None
         raise FedmoeError(f"site daemon {method}: {exc.details() or exc.code().name}") from None
 
 

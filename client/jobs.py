@@ -13,15 +13,20 @@ def train_config(cfg):
                        total_steps=int(cfg.get("total-steps", 0)), warmup=float(cfg.get("warmup", 0.1)))
 
 
+PRIVACY_KEYS = ("privacy", "freeze-a", "dp-clip", "dp-noise-multiplier")
+
+
 def train_in_process(settings, arrays, cfg, chaos: dict | None = None):
-    """One TRAIN, here: decode the received adapter, train with the config's privacy
-    options, encode the reply. The site daemon calls this too, so both paths are one."""
+    """One TRAIN, here: check it against the site's privacy policy (a refused TRAIN raises
+    SitePolicyError before the adapter is read: no update is computed or sent), decode the
+    received adapter, train with the config's privacy options, encode the reply. The site
+    daemon calls this too, so both paths are one."""
     from fedmoe.client import site
     from fedmoe.shared import compression
 
+    site.policy(settings).check_train(cfg)
     received = compression.decode(arrays, cfg)
-    trained, metrics = site.train(settings, received, train_config(cfg),
-                                  {k: cfg[k] for k in ("freeze-a", "dp-clip") if k in cfg})
+    trained, metrics = site.train(settings, received, train_config(cfg), {k: cfg[k] for k in PRIVACY_KEYS if k in cfg})
     if chaos is not None:
         from fedmoe.client.chaos import corrupt_for
 
@@ -35,4 +40,4 @@ def evaluate_in_process(settings, arrays, cfg) -> dict:
     from fedmoe.client import site
     from fedmoe.shared.delta import LoraDelta
 
-    return site.evaluate(settings, LoraDelta.from_records(arrays, cfg))
+    return site.evaluate(settings, LoraDelta.from_records(arrays, cfg), cfg)

@@ -10,6 +10,12 @@ domain label needed. Local steps are plain SGD, so the mean of the sites' update
 gradient step on the union of their data (a site with one domain would otherwise, under
 Adam's sign-like steps, cancel out against the others); the coordinator adds Adam on
 top (FedAdam). Only the router's weights travel, in both directions.
+
+Under router DP (`clip` given) the site clips its update (new - received weights, all
+tensors together, Frobenius norm) to `clip` before replying, and replies with weights and
+its example count only: its loss and agreement stay here, like the pre-clip norm (they are
+functions of its records that the coordinator's noise does not cover). The coordinator
+adds the Gaussian noise to the mean (fedmoe.server.moe.gates.learned).
 """
 
 from __future__ import annotations
@@ -61,10 +67,22 @@ def moe_nll(logits: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
     return -(torch.log_softmax(logits, dim=-1) + loglik).logsumexp(dim=-1).mean()
 
 
+def clip_router_update(new: dict[str, torch.Tensor], received: dict[str, torch.Tensor],
+                       clip: float) -> tuple[dict[str, torch.Tensor], float]:
+    """(received + c (new - received), norm before clipping), c = min(1, clip / norm)."""
+    if not clip > 0:
+        raise FedmoeError(f"router clip must be > 0, got {clip}")
+    diff = {k: new[k].double() - received[k].double() for k in received}
+    norm = float(sum((d ** 2).sum() for d in diff.values())) ** 0.5
+    c = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: (received[k].double() + c * diff[k]).to(received[k].dtype) for k in received}, norm
+
+
 def local_router_update(state: dict[str, torch.Tensor], data: RouterSiteData, steps: int = 10, lr: float = 0.01,
-                        batch_size: int = 64, seed: int = 0) -> tuple[dict[str, torch.Tensor], int, dict]:
+                        batch_size: int = 64, seed: int = 0, clip: float | None = None) -> tuple[dict[str, torch.Tensor], int, dict]:
     """`steps` SGD steps on the MoE likelihood from the received router weights;
-    returns (new weights, examples, metrics)."""
+    returns (new weights, examples, metrics). With `clip` (router DP) the update is
+    clipped to that norm and the metrics are empty: nothing else data-dependent leaves."""
     router = LinearRouter(data.features.shape[1], data.loglik.shape[1])
     router.load_state_dict(state)
     opt = torch.optim.SGD(router.parameters(), lr=lr)
@@ -80,4 +98,7 @@ def local_router_update(state: dict[str, torch.Tensor], data: RouterSiteData, st
     with torch.no_grad():
         agree = (router(data.features).argmax(1) == data.loglik.argmax(1)).float().mean().item()
     new = {k: v.detach().clone() for k, v in router.state_dict().items()}
+    if clip is not None:
+        new, _ = clip_router_update(new, state, clip)  # the pre-clip norm is data-dependent: it stays here
+        return new, data.count, {}
     return new, data.count, {"router_loss": sum(losses[-5:]) / len(losses[-5:]), "best_expert_agreement": agree}

@@ -2,7 +2,9 @@
 
 The ClientApp (simulation and deployment) and the site daemon call these functions; a
 site's settings come from its Flower node config (`data-path`, `domain`, `rank`,
-`quant`, optional `model-path`). The trainer is cached per process by (model, quant,
+`quant`, optional `model-path`, and the privacy policy `min-privacy`,
+`min-noise-multiplier`, `max-clip`, which site.toml's `min_privacy`, `min_noise_multiplier`,
+`max_clip` can only tighten: `policy`). The trainer is cached per process by (model, quant,
 rank), never per site, so a long-lived process (simulation actor, site daemon) loads the
 base model once and serves every site it is given. A site's data is read when a message
 for it arrives and only the last `SITE_CACHE_SIZE` sites' data is kept: a simulation actor
@@ -29,13 +31,17 @@ class SiteSettings:
     rank: int = 8
     quant: str = "nf4"
     model_path: str | None = None
+    min_privacy: str | None = None  # e.g. "dp" or "dp,secagg" (fedmoe.client.privacy.SitePolicy)
+    min_noise_multiplier: float | None = None
+    max_clip: float | None = None
 
     @classmethod
     def from_node_config(cls, cfg) -> "SiteSettings":
         if "data-path" not in cfg:
             raise FedmoeError("node config lacks 'data-path' (start the site with --data DIR)")
         return cls(str(cfg["data-path"]), cfg.get("domain") or None, int(cfg.get("rank", 8)),
-                   str(cfg.get("quant", "nf4")), cfg.get("model-path") or None)
+                   str(cfg.get("quant", "nf4")), cfg.get("model-path") or None, cfg.get("min-privacy") or None,
+                   cfg.get("min-noise-multiplier"), cfg.get("max-clip"))
 
 
 SITE_CACHE_SIZE = 2  # a message's TRAIN then EVALUATE of one site reads its data once
@@ -54,6 +60,14 @@ def site_data(settings: SiteSettings) -> Site:
     while len(_sites) > SITE_CACHE_SIZE:
         _sites.popitem(last=False)
     return site
+
+
+def policy(settings: SiteSettings):
+    """The site's privacy policy: its settings' and its site.toml's, the stricter of both."""
+    from fedmoe.client.privacy import SitePolicy
+
+    own = SitePolicy.parse(settings.min_privacy, settings.min_noise_multiplier, settings.max_clip)
+    return own.stricter(SitePolicy.from_site_toml(site_data(settings).settings, f"{settings.data_path}/site.toml"))
 
 
 def trainer_for(settings: SiteSettings):
@@ -88,12 +102,15 @@ def describe(settings: SiteSettings) -> dict:
 
 def train(settings: SiteSettings, delta: LoraDelta, cfg: TrainConfig, privacy: dict | None = None) -> tuple[LoraDelta, dict]:
     """`privacy` (from the TRAIN config): `freeze-a` trains lora_B only against the shared A;
-    `dp-clip` clips the update s (B_k - B_0) to that norm (fedmoe.client.privacy)."""
+    `dp-clip` clips the update s (B_k - B_0) to that norm (fedmoe.client.privacy). Under
+    dp / secagg (declared or applied) or a policy accepting only those, the metrics are
+    `num-examples` and `seconds` only: the training loss and token count stay here."""
     from contextlib import nullcontext
 
-    from fedmoe.client.privacy import clip_b_update, frozen_lora_a
+    from fedmoe.client.privacy import clip_b_update, frozen_lora_a, withholds_metrics
 
     privacy = privacy or {}
+    withhold = withholds_metrics(privacy, policy(settings))
     site = site_data(settings)
     trainer = trainer_for(settings)
     trainer.set_adapter(delta)
@@ -101,11 +118,16 @@ def train(settings: SiteSettings, delta: LoraDelta, cfg: TrainConfig, privacy: d
         new, result = trainer.train(site.train, cfg)
     if privacy.get("freeze-a"):  # the pre-clip norm is data-dependent: it stays here
         new, _ = clip_b_update(new, delta, float(privacy.get("dp-clip", float("inf"))))
+    if withhold:
+        return new, {"num-examples": len(site.train), "seconds": result.seconds}
     return new, {"num-examples": len(site.train), "train-loss": result.final_loss, "seconds": result.seconds,
                  "tokens": result.tokens}
 
 
-def evaluate(settings: SiteSettings, delta: LoraDelta) -> dict:
+def evaluate(settings: SiteSettings, delta: LoraDelta, cfg=None) -> dict:
+    """The site's accuracy and loss on its eval split; refused (SitePolicyError) where the
+    policy or the declared privacy mode withholds per-site metrics."""
+    policy(settings).check_evaluate(cfg or {})
     site = site_data(settings)
     trainer = trainer_for(settings)
     trainer.set_adapter(delta)

@@ -11,3 +11,8 @@ class FedmoeError(Exception):
 
 class DeltaValidationError(FedmoeError):
     """A LoRA delta failed validation (unknown module, shape, dtype, non-finite, ...)."""
+
+
+class SitePolicyError(FedmoeError):
+    """A message a site refuses under its own privacy policy (fedmoe.client.privacy.SitePolicy);
+    the text is the one-line reason the coordinator records as that site's failure."""

@@ -164,14 +164,20 @@ def record_prompt(record) -> str:
 
 
 class LinearRouter(torch.nn.Module):
-    """logits = W (sqrt(d) x) + b; sqrt(d) undoes the features' 1/sqrt(d) scale."""
+    """logits = W (sqrt(d) (x - center)) + b; sqrt(d) undoes the features' 1/sqrt(d) scale.
+    `center` (a buffer, not trained; zeros unless set) removes what all prompts share (the
+    templates), so every step of W is spent on what tells domains apart: with it, a site's
+    clipped update is not mostly a common component that cancels in the federation's mean."""
 
-    def __init__(self, dim: int, experts: int):
+    TRAINED = ("proj.weight", "proj.bias")  # the keys sites train (and DP noise touches)
+
+    def __init__(self, dim: int, experts: int, center: torch.Tensor | None = None):
         super().__init__()
         self.dim = dim
         self.proj = torch.nn.Linear(dim, experts)
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
+        self.register_buffer("center", torch.zeros(dim) if center is None else center.detach().float().reshape(dim).clone())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features * math.sqrt(self.dim))
+        return self.proj((features - self.center) * math.sqrt(self.dim))

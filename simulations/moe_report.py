@@ -29,7 +29,7 @@ from fedmoe.client.prototype import DEFAULT_CLIP_NORM, DEFAULT_NOISE_MULTIPLIER,
 from fedmoe.client.router import prepare_router_data, local_router_update
 from fedmoe.server.moe.gates import GATES, save_gate
 from fedmoe.server.moe.gates.arrow import ArrowGate
-from fedmoe.server.moe.gates.learned import LearnedGate, federated_router_rounds
+from fedmoe.server.moe.gates.learned import LearnedGate, RouterPrivacy, federated_router_rounds, router_privacy_info
 from fedmoe.server.moe.gates.prototype import PrototypeGate
 from fedmoe.server.moe.gates.smile import SmileGate
 from fedmoe.server.moe.served_model import ServedModel
@@ -97,8 +97,12 @@ def measure_latency(served: ServedModel, gate: str, prompts: list[str], max_new_
 def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tuple(GATES),
                 clip_norm: float = DEFAULT_CLIP_NORM, noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER,
                 router_rounds: int = 20, router_local_steps: int = 10, router_lr: float = 0.01,
-                prototype_temperature: float = 0.05, router_max_records: int | None = None, progress=None) -> dict:
-    """Build the requested gates on `served` (in-process sites); returns build info per gate."""
+                prototype_temperature: float = 0.05, router_max_records: int | None = None, progress=None,
+                router_privacy: RouterPrivacy | None = RouterPrivacy()) -> dict:
+    """Build the requested gates on `served` (in-process sites); returns build info per gate.
+    `router_privacy` None trains the learned gate without DP (its entry then says "not private").
+    Each data-driven gate's info says its privacy in one shape: `private`, `epsilon`, `delta`,
+    `noise_multiplier`, `clip_norm`."""
     say = progress or (lambda text: None)
     info: dict[str, dict] = {}
     unknown = [g for g in gates if g not in GATES]
@@ -110,27 +114,43 @@ def build_gates(served: ServedModel, sites: list[Site], seed: int = 0, gates=tup
     if "smile" in gates:
         served.add_gate("smile", SmileGate(served))
         info["smile"] = {"data_used": 0}
+    messages = []
     if "prototype" in gates:
         say("prototype gate: sites compute their DP-noised prototypes")
-        messages = []
         for site in sites:
             msg = site_prototype(served.featurizer, site.train, clip_norm, noise_multiplier)
             messages.append((site.domain, msg))
         served.add_gate("prototype", PrototypeGate.from_messages(served, messages, prototype_temperature))
-        info["prototype"] = {"sites": len(messages), "clip_norm": clip_norm, "noise_multiplier": noise_multiplier,
-                             "epsilon_at_delta_1e-5": messages[0][1].epsilon(1e-5) if messages else None,
+        eps = messages[0][1].epsilon(1e-5) if messages else None
+        info["prototype"] = {"sites": len(messages), "private": bool(noise_multiplier > 0), "clip_norm": clip_norm,
+                             "noise_multiplier": noise_multiplier, "epsilon": eps, "delta": 1e-5,
+                             "accountant": "analytic Gaussian (one release per site)",
+                             "epsilon_at_delta_1e-5": eps,
                              "bytes_per_site": int(messages[0][1].prototype.numel() * 4) if messages else 0}
     if "learned" in gates:
         say("learned gate: sites score their records under the frozen experts")
         datas = [prepare_router_data(served.model, served.tokenizer, served.featurizer, s.train[:router_max_records], served.experts)
                  for s in sites]
-        steps = [lambda state, d=d, i=i: local_router_update(state, d, router_local_steps, router_lr, seed=seed * 1000 + i)
+        # The router's feature center: the mean of the DP prototypes (post-processing of that
+        # release: the prototype gate's own, or the same messages made for this gate).
+        if not messages:
+            messages = [(s.domain, site_prototype(served.featurizer, s.train, clip_norm, noise_multiplier)) for s in sites]
+        center = PrototypeGate.from_messages(served, messages, prototype_temperature).center
+        clip = router_privacy.clip if router_privacy else None
+        steps = [lambda state, d=d, i=i: local_router_update(state, d, router_local_steps, router_lr, seed=seed * 1000 + i,
+                                                             clip=clip)
                  for i, d in enumerate(datas)]
+
+        def said(r, m):
+            say(f"router round {r}/{router_rounds}: " + (f"loss {m['router_loss']:.3f}" if "router_loss" in m else
+                                                          f"DP noise std {m['noise_std']:.3g}, epsilon {m['epsilon']:.3g}"))
+
         state, history = federated_router_rounds(served.featurizer.cfg.dim, len(served.experts), steps, router_rounds,
-                                                 progress=lambda r, m: say(f"router round {r}/{router_rounds}: loss {m['router_loss']:.3f}"))
+                                                 progress=said, privacy=router_privacy, center=center)
         served.add_gate("learned", LearnedGate(served, state))
+        priv = router_privacy_info(router_privacy, router_rounds, len(datas), (messages[0][1].epsilon(1e-5), 1e-5))
         info["learned"] = {"rounds": router_rounds, "local_steps": router_local_steps, "history": history,
-                           "bytes_per_site_round": int(sum(v.numel() for v in state.values()) * 4)}
+                           "bytes_per_site_round": int(sum(v.numel() for v in state.values()) * 4), **priv}
     return info
 
 

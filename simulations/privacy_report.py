@@ -91,6 +91,8 @@ def markdown(report: dict) -> str:
                      f"after {priv['rounds_run']} rounds" + (f"; {priv['stopped']}" if priv.get("stopped") else "") + ".\n")
     elif priv.get("mode") not in (None, "none"):
         lines.append(f"\nPrivacy mode: {priv['mode']}.\n")
+    if gates := gate_privacy_lines(report):
+        lines.append("\n**Gates' privacy** (what the data-driven gates took from the sites):\n\n" + gates)
     if "chaos" in report:
         c = report["chaos"]
         lines.append(f"\n**Chaos** `{c['spec']}` (seed {c['seed']}), robust aggregation `{report.get('robust')}`:\n\n"
@@ -99,3 +101,24 @@ def markdown(report: dict) -> str:
     if mi := report.get("membership_inference"):
         lines.append(f"\nMembership inference ({mi['attack']}): mean AUC {mi['mean_auc']:.3f} (0.5 = no signal).\n")
     return "".join(lines)
+
+
+def gate_privacy_lines(report: dict) -> str:
+    """One bullet per data-driven gate: its (ε, δ), noise multiplier and clip, or "not private"."""
+    out = []
+    for name, entry in report.get("methods", {}).items():
+        gate = entry.get("gate") or {}
+        if "private" not in gate:
+            continue
+        acc = f"routing accuracy {entry['routing_accuracy']:.3f}" if "routing_accuracy" in entry else ""
+        if not gate["private"]:
+            out.append(f"- `{name}`: **not private** ({gate.get('privacy', 'no noise').removeprefix('not private: ')}); {acc}\n")
+            continue
+        parts = f"ε = {gate['epsilon']:.3g} at δ = {gate['delta']:g}, noise multiplier {gate['noise_multiplier']:g}, clip {gate['clip_norm']:g}"
+        if "epsilon_router" in gate:
+            parts += (f" (router {gate['epsilon_router']:.3g} over {gate['rounds']} rounds, {gate.get('accountant', '')}"
+                      + (f"; + feature center {gate['epsilon_center']:.3g}" if "epsilon_center" in gate else "") + ")")
+        else:
+            parts += f" ({gate.get('accountant', '')})"
+        out.append(f"- `{name}`: {parts}; {acc}\n")
+    return "".join(out)

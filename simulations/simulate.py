@@ -179,6 +179,9 @@ class SimulationOptions:
     moe: bool = option(True, help="score the MoE gates and static merges (moe_*, static_*)")
     mia: bool = option(True, help="the membership-inference check in the report")
     chaos: str | None = option(None, help='faulty sites, e.g. "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"')
+    router_noise_multiplier: float = option(1.0, help="learned gate: DP noise multiplier of the router rounds "
+                                                      "(0: no clip, no noise; the report says 'not private')")
+    router_clip: float = option(0.1, help="learned gate: norm bound of a site's router update under router DP")
 
 
 # StrategyConfig fields a preset sets (a flag overrides them; "default: the preset's")
@@ -314,6 +317,7 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
             with stages("moe"):
                 moe_results = moe_methods(model_dir, experts, mixed, [s.load() for s in sites], seed=preset.seed, gate_dir=out_dir / "gates",
                                           router_max_records=64, router_rounds=preset.router_rounds,
+                                          router_privacy=router_privacy(opts),
                                           latency_requests=preset.latency_requests, progress=log, conflict_eval=conflict)
             for name, entry in moe_results.items():
                 methods[name] = entry
@@ -350,6 +354,15 @@ def simulate(run: SimulationRun, out: str, resume: bool = False) -> dict:
     finally:
         for w in workers:
             w.stop()
+
+
+def router_privacy(opts: SimulationOptions):
+    """The learned gate's router DP from the options (None: off)."""
+    from fedmoe.server.moe.gates.learned import RouterPrivacy
+
+    if opts.router_noise_multiplier < 0:
+        raise FedmoeError(f"--router-noise-multiplier must be >= 0, got {opts.router_noise_multiplier}")
+    return RouterPrivacy(opts.router_noise_multiplier, opts.router_clip) if opts.router_noise_multiplier > 0 else None
 
 
 class StageClock:

@@ -32,7 +32,9 @@ def served(tiny_model_dir, domain_adapters, sites):
     from fedmoe.server.moe.served_model import ServedModel
 
     served = ServedModel(tiny_model_dir, domain_adapters, "cpu")
-    served.build_info = build_gates(served, sites, seed=0, router_max_records=32)
+    # the learned gate without router DP here: this module checks routing quality; the DP
+    # path is checked in tests/test_privacy.py and measured on the smoke preset (README)
+    served.build_info = build_gates(served, sites, seed=0, router_max_records=32, router_privacy=None)
     return served
 
 
@@ -98,6 +100,11 @@ def test_data_driven_gates_route_mixed_prompts_to_their_domain(served, mixed):
         assert result.accuracy >= 0.9 * oracle.accuracy, (gate, result.accuracy, oracle.accuracy)
     history = served.build_info["learned"]["history"]
     assert history[-1]["router_loss"] < history[0]["router_loss"]
+    # each data-driven gate states its privacy in one shape
+    assert served.build_info["learned"]["private"] is False and "not private" in served.build_info["learned"]["privacy"]
+    proto = served.build_info["prototype"]
+    assert proto["private"] is True and 0 < proto["epsilon"] < 100 and proto["delta"] == 1e-5
+    assert not torch.equal(served.gates["learned"].router.center, torch.zeros_like(served.gates["learned"].router.center))
 
 
 def test_topk_mixing_matches_adapter_names_for_one_hot_weights(served, mixed):

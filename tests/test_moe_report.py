@@ -38,6 +38,16 @@ def test_moe_methods_report_fields(tiny_model_dir, domain_adapters, suite_dir, t
             assert methods[m]["params"]["lambda"] > 0 and methods[m]["validation_records"] > 0, m
             assert ("density" in methods[m]["params"]) == ("ties" in m), m
     assert methods["moe_smile"]["gate"]["site_requirements"].startswith("nothing")
+    # The learned gate trains its router under DP by default and says so next to the gate,
+    # in the prototype gate's shape (private, epsilon, delta, noise_multiplier, clip_norm).
+    learned, proto = methods["moe_learned"]["gate"], methods["moe_prototype"]["gate"]
+    from fedmoe.server.moe.gates.learned import DEFAULT_ROUTER_CLIP, DEFAULT_ROUTER_NOISE_MULTIPLIER
+
+    assert learned["private"] and proto["private"]
+    assert learned["noise_multiplier"] == DEFAULT_ROUTER_NOISE_MULTIPLIER and learned["clip_norm"] == DEFAULT_ROUTER_CLIP
+    assert learned["epsilon"] == pytest.approx(learned["epsilon_router"] + learned["epsilon_center"])
+    assert learned["epsilon_center"] == pytest.approx(proto["epsilon"]) and 0 < learned["epsilon_router"] < 100
+    assert all("router_loss" not in h and h["sites_over_clip"] == 0 for h in learned["history"])
     # The data-driven gates route well, and the best gate beats every static merge.
     assert methods["moe_prototype"]["routing_accuracy"] >= 0.9
     best_gate = max(methods[f"moe_{g}"]["mixed"] for g in ("arrow", "smile", "prototype", "learned"))

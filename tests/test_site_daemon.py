@@ -151,3 +151,31 @@ def test_forwarding_clientapp_serves_strategy_rounds(served, tiny_model_dir, pri
         assert evaluate.content["metrics"]["num-examples"] > 0
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def test_daemon_refuses_a_train_below_its_policy_and_audits_it(served, tmp_path):
+    """Deployed, the daemon (the site's own process) enforces the policy: the refusal comes
+    back to the ClientApp as SitePolicyError (one line), nothing is trained or sent, and
+    the audit log says what was refused."""
+    from dataclasses import replace
+
+    from fedmoe.client import daemon, site
+    from fedmoe.shared.errors import SitePolicyError
+
+    settings = replace(served["settings"], min_privacy="dp,secagg")
+    sock_dir = tempfile.mkdtemp(prefix="fedmoe-test-")
+    server, address = daemon.serve(settings, f"unix:{sock_dir}/p.sock", tmp_path / "audit.jsonl")
+    try:
+        arrays, meta = site.trainer_for(settings).initial.to_records()
+        cfg = dict(meta) | {"steps": 1, "batch-size": 4, "lr": 3e-3, "seed": 1, "round": 2, "expert": "medicine",
+                            "privacy": "ffa", "freeze-a": True}
+        with pytest.raises(SitePolicyError, match="^site policy: refused to train under privacy mode ffa; this site accepts dp, secagg$"):
+            daemon.forward_train(address, arrays, cfg, 5, 60)
+        with pytest.raises(SitePolicyError, match="no evaluation metrics"):
+            daemon.forward_evaluate(address, arrays, dict(meta), 5, 60)
+        entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        refused = [e for e in entries if e["message"] == "train"]
+        assert len(refused) == 1 and refused[0]["refused"].startswith("site policy") and "sent" not in refused[0]
+    finally:
+        server.stop(0)
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -45,6 +45,13 @@ def register(sub) -> None:
                    help="where the daemon listens: unix:PATH or 127.0.0.1:PORT (default: a private Unix socket)")
     p.add_argument("--work-dir", help="folder for the audit log and Flower's files (default: under ~/.cache/fedmoe/sites/)")
     p.add_argument("--threads", type=int, help="CPU threads for training (default: torch's default, all cores)")
+    p.add_argument("--min-privacy", metavar="MODES",
+                   help="privacy modes this site trains under: none | ffa | dp | secagg, or several (dp,secagg); "
+                        "a TRAIN in a weaker mode is refused with the reason, no update sent (default: none = any; "
+                        "site.toml's min_privacy, if set, also applies)")
+    p.add_argument("--min-noise-multiplier", type=float,
+                   help="under dp: refuse a run whose declared noise multiplier is below this")
+    p.add_argument("--max-clip", type=float, help="under dp / secagg: refuse a run whose update clip is above this")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts (default: retry forever)")
     p.add_argument("--poll-interval", type=float, default=1.0,
                    help="seconds between the SuperNode's polls for a message, 0.05-3 (Flower's own is a fixed 3; "
@@ -107,7 +114,11 @@ def cmd_site_start(args) -> int:
         raise FedmoeError("Flower's SuperNode (flwr.supernode) is not installed: pip install flwr")
     data = Path(args.data).resolve()
     site = load_site(data, args.domain)
-    settings = SiteSettings(str(data), site.domain, args.rank, args.quant, str(Path(args.model).resolve()) if args.model else None)
+    settings = SiteSettings(str(data), site.domain, args.rank, args.quant, str(Path(args.model).resolve()) if args.model else None,
+                            args.min_privacy, args.min_noise_multiplier, args.max_clip)
+    from fedmoe.client.site import policy
+
+    site_policy = policy(settings)  # a malformed policy (flag or site.toml) stops here, in one line
     work = Path(args.work_dir).resolve() if args.work_dir else default_work_dir(data)
     work.mkdir(parents=True, exist_ok=True)
     socket_dir = None
@@ -132,6 +143,7 @@ def cmd_site_start(args) -> int:
 
             torch.set_num_threads(args.threads)
         log(f"loading {site.domain} site {data.name} ({args.quant}, rank {args.rank}) ...")
+        log(f"privacy policy: {site_policy.text()}")
         server, address = daemon.serve(settings, address, audit, log=log)
         log(f"site daemon listening on {address}; audit log: {audit}")
         node_config = f"daemon-address='{address}' domain='{site.domain}' rank={args.rank} quant='{args.quant}'"

@@ -8,6 +8,12 @@ numbers go into the round's metrics (`eval_accuracy`, `eval_loss`, `eval_example
 committed with the round, which the dashboard's accuracy curves and report.json's
 `curves` read. A site that fails to evaluate is left out of that round's mean: the
 round itself never fails for it.
+
+Under `--privacy dp` and `secagg` there is no federated evaluation: a site's accuracy and
+loss on its own records are not covered by the clip and noise (or the masks), so the
+sites do not send them (fedmoe.client.privacy.SitePolicy.check_evaluate refuses an
+EVALUATE declared under those modes) and the coordinator does not ask. The config of
+every EVALUATE declares the run's mode (`privacy`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ def eval_round_due(rnd: int, rounds: int, every: int) -> bool:
 
 def evaluate_round(grid, strategy, rnd: int, send_round, progress=None, skip=frozenset()) -> dict[str, dict[str, float]]:
     """{expert: {"eval_accuracy", "eval_loss", "eval_examples"}} from the sites' replies;
-    nodes in `skip` (those that failed this round) are not asked."""
+    nodes in `skip` (those that failed this round) are not asked; {} under dp / secagg."""
+    from fedmoe.shared.privacy_modes import METRICS_WITHHELD
+
+    if strategy.privacy.mode in METRICS_WITHHELD:
+        return {}
     sent = []
     for expert, nodes in strategy.groups().items():
         # the round's sampled sites (every site at fraction 1): a round's cost follows the
@@ -38,7 +48,7 @@ def evaluate_round(grid, strategy, rnd: int, send_round, progress=None, skip=fro
         adapters = strategy.adapters_by_rank(expert, (n.rank for n in asked))
         for node in asked:
             arrays, meta, _ = compression.encode(adapters[node.rank], "none")
-            meta["expert"], meta["round"] = expert, rnd
+            meta["expert"], meta["round"], meta["privacy"] = expert, rnd, strategy.privacy.mode
             msg = Message(RecordDict({"arrays": arrays, "config": meta}), dst_node_id=node.node_id, message_type="evaluate")
             sent.append((expert, node, msg))
     if not sent:

@@ -33,8 +33,8 @@ from fedmoe.server.federation.low_rank import LowRank
 from fedmoe.shared.delta import LoraDelta, b_update  # noqa: F401  (b_update: the sites compute it too)
 from fedmoe.shared.dp_noise import gaussian_noise
 from fedmoe.shared.errors import FedmoeError
+from fedmoe.shared.privacy_modes import MODES  # noqa: F401  (named once, for the sites' policies too)
 
-MODES = ("none", "ffa", "dp", "secagg")
 # The site's update norm bound C when --clip is not given. dp: C sets the noise (z C / n), so
 # it is small. secagg: C only has to contain every coordinate for SecAgg+'s quantization
 # (error ≤ n 2C / 2^28), so it sits well above the update norms seen (||s (B_k - B_0)|| ≈ 10

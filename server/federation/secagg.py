@@ -23,8 +23,10 @@ The protocol is Flower's, driven here round by round: a `LegacyContext` whose st
 receives, in `aggregate_fit`, results whose parameters have already been replaced by the
 unmasked aggregate. A group needs at least 2 sampled sites (SecAgg+'s minimum; with
 exactly 2, each site could subtract its own update from the next round's expert). Per-site
-metrics (num-examples, train loss) travel in plaintext beside the masked vector, and the
-coordinator cannot screen single updates (robust aggregation does not apply).
+example counts (the weights, also in the describe reply) and seconds travel in plaintext
+beside the masked vector; the training loss does not (the sites withhold it, and the
+coordinator records none), and the coordinator cannot screen single updates (robust
+aggregation does not apply).
 Domains run one after the other; a stage waits at most `round-timeout`.
 
 Caveat, Flower 1.42: `pseudo_rand_gen` (flwr/common/secure_aggregation/secaggplus_utils.py),
@@ -163,7 +165,7 @@ def secure_expert_round(grid, strategy, rnd: int, expert: str, sampled: list, re
     for n in sampled:
         row = {"site": n.site, "node_id": n.node_id, "expert": expert, "bytes_out": sent[n.node_id].num_bytes()}
         if mean is not None and (m := ok.get(n.node_id)) is not None:
-            row |= {"status": "ok", "loss": m.get("train-loss"), "num_examples": int(m["num-examples"]), "seconds": seconds}
+            row |= {"status": "ok", "num_examples": int(m["num-examples"]), "seconds": seconds}  # no per-site loss under secagg
         else:
             row |= {"status": "failed", "reason": why if mean is None else
                     "no masked update (the site failed or missed a SecAgg+ stage); the others' sum was unmasked"}
@@ -173,8 +175,7 @@ def secure_expert_round(grid, strategy, rnd: int, expert: str, sampled: list, re
     strategy.experts[expert] = frozen_a_aggregate(strategy.experts.get(expert), strategy.init_adapter(r_max), [(mean, 1.0)],
                                                   strategy.cfg.alpha_per_rank)
     strategy.restore(expert, strategy.expert_delta(expert))
-    result.metrics[expert] = {"train_loss": sum(m.get("train-loss", 0.0) * m["num-examples"] for m in ok.values()) / total,
-                              "sites_ok": len(ok), "update_norm": strategy.expert_delta(expert).update_norm(),
+    result.metrics[expert] = {"sites_ok": len(ok), "update_norm": strategy.expert_delta(expert).update_norm(),
                               "secagg_tolerance": tolerance}
 
 

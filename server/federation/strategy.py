@@ -27,6 +27,7 @@ from fedmoe.shared import compression
 from fedmoe.shared.delta import AdapterSpec, LoraDelta
 from fedmoe.shared.errors import DeltaValidationError, FedmoeError
 from fedmoe.shared.names import check_name, shown
+from fedmoe.shared.privacy_modes import METRICS_WITHHELD
 from fedmoe.server.federation.run_config import SERVER_OPTIMIZERS, SHORT_ROUND_POLICIES, StrategyConfig  # noqa: F401
 
 SINGLE_EXPERT = "all"
@@ -294,6 +295,8 @@ class DomainExpertStrategy:
                 result.participation.append(row | {"status": status, "reason": reason})
                 continue
             delta, n, metrics = payload
+            if self.privacy.mode in METRICS_WITHHELD:  # never recorded, even if a site sends it
+                metrics = {k: v for k, v in metrics.items() if k not in ("train-loss", "tokens")}
             result.participation.append(row | {"status": "ok", "loss": metrics.get("train-loss"), "num_examples": n, "reason": reason,
                                                "bytes_in": compression.record_bytes(reply.content["arrays"]), "seconds": metrics.get("seconds")})
             accepted.setdefault(expert, []).append((delta, float(n), metrics))
@@ -314,9 +317,7 @@ class DomainExpertStrategy:
                 self.experts[expert] = aggregate
             # Canonical state = what the checkpoint holds, so a resumed run continues bit for bit.
             self.restore(expert, self.expert_delta(expert))
-            total = sum(w for _, w, _ in items)
-            result.metrics[expert] = self._noise_metrics(expert) | {
-                "train_loss": sum(m.get("train-loss", 0.0) * w for _, w, m in items) / total,
+            result.metrics[expert] = self._noise_metrics(expert) | train_loss_metric([(m, w) for _, w, m in items]) | {
                 "sites_ok": len(items),
                 "update_norm": self.expert_delta(expert).update_norm(),
             }
@@ -376,12 +377,16 @@ class DomainExpertStrategy:
         return {} if std is None else {"dp_noise_std": std}
 
     def privacy_train_config(self) -> dict:
+        """The mode, declared (a site checks it against its policy, fedmoe.client.privacy.SitePolicy),
+        and what the site applies itself: frozen A, its clip; for dp the noise multiplier
+        this coordinator adds, so a site can hold it to a floor."""
         if not self.privacy.frozen_a:
-            return {}
+            return {"privacy": self.privacy.mode}
         # `dp-clip` bounds the site's update norm: in dp for the noise's sensitivity, in secagg so
         # that every coordinate lies inside SecAgg+'s clipping range (fedmoe.server.federation.secagg).
         clipped = self.privacy.mode in ("dp", "secagg")
-        return {"freeze-a": True} | ({"dp-clip": float(self.privacy.clip)} if clipped else {})
+        return ({"privacy": self.privacy.mode, "freeze-a": True} | ({"dp-clip": float(self.privacy.clip)} if clipped else {})
+                | ({"dp-noise-multiplier": float(self.privacy.noise_multiplier)} if self.privacy.mode == "dp" else {}))
 
     def sample_rate(self) -> float:
         """The fraction of a domain's sites sampled per round (the accountant's q; at most 1)."""
@@ -439,6 +444,14 @@ class DomainExpertStrategy:
         """Load an expert from a checkpoint (resume)."""
         self.experts[expert] = {m: LowRank(b.float() * (delta.scaling ** 0.5), a.float() * (delta.scaling ** 0.5))
                                 for m in delta.modules() for a, b in [delta.factors(m)]}
+
+
+def train_loss_metric(reports: list[tuple[dict, float]]) -> dict:
+    """{"train_loss": weighted mean} over the sites that reported a loss; {} if none did
+    (under dp / secagg no site sends one: fedmoe.shared.privacy_modes.METRICS_WITHHELD)."""
+    losses = [(m["train-loss"], w) for m, w in reports if isinstance(m.get("train-loss"), (int, float))]
+    total = sum(w for _, w in losses)
+    return {"train_loss": sum(v * w for v, w in losses) / total} if losses and total > 0 else {}
 
 
 def send_round(grid, sent: list[tuple[str, Node, Message]], timeout: float, on_first_reply=None) -> list[Message | None]:
