@@ -179,8 +179,9 @@ class SimulationOptions:
     moe: bool = option(True, help="score the MoE gates and static merges (moe_*, static_*)")
     mia: bool = option(True, help="the membership-inference check in the report")
     chaos: str | None = option(None, help='faulty sites, e.g. "nan=0.1,shape=0.05,scale=0.1,dropout=0.2"')
-    router_noise_multiplier: float = option(1.0, help="learned gate: DP noise multiplier of the router rounds "
-                                                      "(0: no clip, no noise; the report says 'not private')")
+    router_noise_multiplier: float = option(0.0, help="learned gate: DP noise multiplier of the router rounds "
+                                                      "(default 0: no clip, no noise, and the report says 'not "
+                                                      "private'; 1.0 costs routing accuracy, see README)")
     router_clip: float = option(0.1, help="learned gate: norm bound of a site's router update under router DP")
 
 
