@@ -36,3 +36,28 @@ def test_summary_has_the_documented_shape():
     assert p["gate_vs_oracle"]["gate"] == "moe_arrow" and p["gate_vs_oracle"]["mean"] == pytest.approx(-0.0133, abs=1e-3)
     assert p["exact_vs_naive"]["mean"] == pytest.approx((0.1 - 0.02 + 0.05) / 3)
     assert p["int8_vs_fp32"]["mean"] == pytest.approx(0.0) and p["int8_vs_fp32"]["resolved"] is False
+
+
+def test_gate_against_the_best_static_merge_and_summary_from_kept_runs(tmp_path):
+    import json
+
+    from fedmoe.shared.errors import FedmoeError
+    from fedmoe.simulations.benchmarks.quality import from_runs
+
+    reports = [report(0.8, 0.5, 0.78), report(0.7, 0.45, 0.69)]
+    for r, merge in zip(reports, (0.4, 0.3)):
+        r["methods"]["static_cat"] = {"mixed": merge, "conflict": 0.2, "per_domain": {"law": merge, "medicine": merge}}
+        r["methods"]["static_svd"] = {"mixed": merge - 0.1, "conflict": 0.1, "per_domain": {"law": 0, "medicine": 0}}
+    out = summarize([0, 1], reports, {})
+    p = out["paired"]["gate_vs_best_static"]
+    assert (p["gate"], p["merge"]) == ("moe_arrow", "static_cat") and p["mean"] == pytest.approx((0.38 + 0.39) / 2)
+    assert out["paired"]["gate_vs_best_static_conflict"]["mean"] == pytest.approx(0.3)
+    for seed, r in enumerate(reports):  # a --keep-runs folder, one seed still running (no report.json)
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps(r | {"wall_seconds": 100.0 + seed}))
+    (tmp_path / "seed2").mkdir()
+    again = from_runs(tmp_path)
+    assert again["seeds"] == [0, 1] and again["methods"]["experts_oracle"] == out["methods"]["experts_oracle"]
+    assert again["seconds_per_seed"]["mean"] == pytest.approx(100.5)
+    with pytest.raises(FedmoeError, match="no seedN/report.json"):
+        from_runs(tmp_path / "seed2")

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the naive-aggregation and int8-wire runs (no exact_vs_naive / int8_vs_fp32)")
     p.add_argument("--keep-runs", help="folder to keep the run folders in (default: a temporary folder)")
     p.add_argument("--extra", default="", help="more `fedmoe simulate` flags for every run, e.g. \"--rounds 2\"")
+    p.add_argument("--from-runs", default=None, metavar="DIR",
+                   help="summarize the finished seed runs kept in DIR (a --keep-runs folder: seedN/report.json, "
+                        "seedN-naive/, seedN-int8/) instead of running anything")
 
 
 def simulate(out: Path, preset: str, seed: int, extra: list[str]) -> dict:
@@ -92,6 +95,13 @@ def summarize(seeds: list[int], reports: list[dict], variants: dict[str, list[di
         if gates:
             best = max(gates, key=lambda m: methods[m]["mixed"]["mean"])
             pairs["gate_vs_oracle"] = paired(series(best), oracle) | {"gate": best}
+            merges = [m for m in methods if m.startswith("static_")]
+            if merges:
+                merge = max(merges, key=lambda m: methods[m]["mixed"]["mean"])
+                pairs["gate_vs_best_static"] = paired(series(best), series(merge)) | {"gate": best, "merge": merge}
+                if "conflict" in methods[best] and "conflict" in methods[merge]:
+                    conflict = [[r["methods"][m]["conflict"] for r in reports] for m in (best, merge)]
+                    pairs["gate_vs_best_static_conflict"] = paired(*conflict) | {"gate": best, "merge": merge}
         for variant, label in (("naive", "exact_vs_naive"), ("int8", "int8_vs_fp32")):
             runs = variants.get(variant)
             if runs:
@@ -110,6 +120,8 @@ def run(args) -> dict:
 
     if args.seeds < 1:
         raise FedmoeError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.from_runs:
+        return from_runs(Path(args.from_runs))
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     extra = args.extra.split()
     reports, variants = [], {v: [] for v in ([] if args.no_variants else VARIANTS)}
@@ -123,6 +135,26 @@ def run(args) -> dict:
                 print(f"  seed {seed}: {' '.join(VARIANTS[variant])} (federation only) ...", file=sys.stderr, flush=True)
                 flags = [*VARIANTS[variant], "--no-baselines", "--no-moe", "--no-mia", *extra]
                 variants[variant].append(simulate(root / f"seed{seed}-{variant}", args.preset, seed, flags))
+    return summarize(seeds, reports, variants)
+
+
+def from_runs(root: Path) -> dict:
+    """The summary of the seed runs already in `root` (`--keep-runs`): every seedN with a
+    report.json, and its naive/int8 variants where all seeds have them."""
+    from fedmoe.shared.errors import FedmoeError
+
+    found = sorted((int(d.name[4:]), d) for d in root.glob("seed*") if d.name[4:].isdigit() and (d / "report.json").is_file())
+    if not found:
+        raise FedmoeError(f"--from-runs {root}: no seedN/report.json there")
+    seeds = [s for s, _ in found]
+    reports = [json.loads((d / "report.json").read_text()) | {"bench_seconds": None} for _, d in found]
+    for r in reports:
+        r["bench_seconds"] = r.get("wall_seconds") or 0.0
+    variants = {}
+    for v in VARIANTS:
+        paths = [root / f"seed{s}-{v}" / "report.json" for s in seeds]
+        if all(p.is_file() for p in paths):
+            variants[v] = [json.loads(p.read_text()) for p in paths]
     return summarize(seeds, reports, variants)
 
 
