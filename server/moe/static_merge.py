@@ -143,6 +143,8 @@ def trimmed_svd_factors(target, adapter: str, experts: list[str], lam: float, co
     deltas = [target.get_delta_weight(e).detach().float() for e in experts]
     weights = torch.tensor([lam] * len(experts))
     merged = (ties if combination == "ties_svd" else dare_ties)(deltas, weights, density, "total")
+    if getattr(target, "fan_in_fan_out", False):  # GPT-2's Conv1D: ΔW comes in the weight's (in, out) layout
+        merged = merged.T
     r = target.lora_A[adapter].weight.shape[0]
     return top_svd(merged, r, generator)
 
