@@ -81,6 +81,21 @@ def layer_inputs(model, layers, input_ids: torch.Tensor, attention_mask: torch.T
     return [captured[i] for i in range(len(layers))]
 
 
+@torch.no_grad()
+def layer_token_mean(served, layers, prompts: list[str], blocks: int, score) -> torch.Tensor:
+    """The zero-shot gates' routing score: `score(i, x)` gives [n, t, K] expert scores from
+    layer i's input x [n, t, in] (one base forward of the prompts through the first `blocks`
+    blocks); averaged over each prompt's real tokens, then over the layers: [n, K]."""
+    ids, mask = served.featurizer.tokenize(prompts)
+    ids, mask = ids.to(served.device), mask.to(served.device)
+    captured = layer_inputs(served.model, layers, ids, mask, blocks)
+    m = mask.unsqueeze(-1).float()  # [n, t, 1]
+    total = 0.0
+    for i, x in enumerate(captured):
+        total = total + (score(i, x.float()) * m).sum(1) / m.sum(1).clamp(min=1)
+    return total / len(layers)
+
+
 def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
     """Base-model hidden states [n, t, h] after `layer` blocks (0 = embeddings), running
     only as much of the forward as needed."""

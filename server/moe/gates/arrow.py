@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.features import decoder_layers, layer_inputs
+from fedmoe.shared.features import decoder_layers, layer_token_mean
 
 ROUTER = "arrow_router"
 
@@ -66,27 +66,19 @@ class ArrowGate:
 
     @torch.no_grad()
     def route(self, prompts: list[str]) -> torch.Tensor:
-        served = self.served
-        ids, mask = served.featurizer.tokenize(prompts)
-        ids, mask = ids.to(served.device), mask.to(served.device)
-        captured = layer_inputs(served.model, self.layers, ids, mask, self.blocks)
-        m = mask.unsqueeze(-1).float()
-        total = torch.zeros(len(prompts), len(self.experts), device=served.device)
-        for i, module in enumerate(self.layers):
+        def coefficients(i: int, x: torch.Tensor) -> torch.Tensor:  # [n, t, K]
+            module = self.layers[i]
             arrow = module.lora_arrow[ROUTER]
             arrow.on_adapter_change(module.lora_A, module.lora_B)
             arrow.build_prototypes(module.lora_A, module.lora_B)
-            order = [arrow.task_adapter_names.index(e) for e in self.experts]
-            protos = arrow.prototypes[order]
-            x = captured[i].float()
+            protos = arrow.prototypes[[arrow.task_adapter_names.index(e) for e in self.experts]]
             # peft's ArrowLoraLinearLayer.forward rule: |x . proto|, top-k, softmax / T
             sim = torch.abs(x @ protos.float().T)
-            k = min(arrow.top_k, sim.shape[-1])
-            top_v, idx = sim.topk(k, dim=-1)
+            top_v, idx = sim.topk(min(arrow.top_k, sim.shape[-1]), dim=-1)
             score = torch.full_like(sim, float("-inf")).scatter(-1, idx, top_v)
-            coeff = torch.softmax(score / arrow.temperature, dim=-1)
-            total += (coeff * m).sum(1) / m.sum(1).clamp(min=1)
-        return (total / len(self.layers)).cpu()
+            return torch.softmax(score / arrow.temperature, dim=-1)
+
+        return layer_token_mean(self.served, self.layers, prompts, self.blocks, coefficients).cpu()
 
     def refresh(self) -> None:
         """The experts' weights changed in place (hot swap): every Arrow layer rebuilds its

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from fedmoe.shared.errors import FedmoeError
-from fedmoe.shared.features import decoder_layers, layer_inputs
+from fedmoe.shared.features import decoder_layers, layer_token_mean
 
 
 def right_subspace(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,18 +64,11 @@ class SmileGate:
 
     @torch.no_grad()
     def route(self, prompts: list[str]) -> torch.Tensor:
-        served = self.served
-        ids, mask = served.featurizer.tokenize(prompts)
-        ids, mask = ids.to(served.device), mask.to(served.device)
-        captured = layer_inputs(served.model, self.layers, ids, mask, self.blocks)
-        m = mask.unsqueeze(-1).float()  # [n, t, 1]
-        total = torch.zeros(len(prompts), len(self.experts), device=served.device)
-        for i, v in enumerate(self.subspaces):
-            x = captured[i].float()  # [n, t, in]
-            proj = torch.einsum("nti,eik->ntek", x, v.to(x.device))
-            share = proj.pow(2).sum(-1) / x.pow(2).sum(-1, keepdim=True).clamp(min=1e-12)  # [n, t, K]
-            total += (share * m).sum(1) / m.sum(1).clamp(min=1)
-        score = total / len(self.layers)
+        def share(i: int, x: torch.Tensor) -> torch.Tensor:  # [n, t, K]: each expert's share of ‖x‖²
+            proj = torch.einsum("nti,eik->ntek", x, self.subspaces[i].to(x.device))
+            return proj.pow(2).sum(-1) / x.pow(2).sum(-1, keepdim=True).clamp(min=1e-12)
+
+        score = layer_token_mean(self.served, self.layers, prompts, self.blocks, share)
         return torch.softmax(score / self.temperature, dim=-1).cpu()
 
     def state(self):
