@@ -1,6 +1,6 @@
 """Helpers for the tests that run real Flower daemons (`fedmoe coordinator start`,
 `fedmoe site start`) on 127.0.0.1: free ports, and `fedmoe ...` subprocesses in their
-own session with their output in a log file, stopped (whole tree) at teardown; and `fedmoe serve` as a subprocess (`fedmoe_serve`)."""
+own session with their output in a log file, stopped (whole tree) at teardown; and the commands that print a JSON banner once they listen (`fedmoe_daemon`: serve, dashboard)."""
 
 from __future__ import annotations
 
@@ -59,29 +59,39 @@ class Proc:
 
 
 @contextlib.contextmanager
-def fedmoe_serve(run: Path, *extra: str):
-    """`fedmoe serve --run RUN --host 127.0.0.1 --grpc-port 0 --json [extra]` as a
-    subprocess: yields its printed JSON info, stops it afterwards (bounded)."""
+def fedmoe_daemon(*args: str, check_exit: bool = False):
+    """`fedmoe ARGS` (a command that prints a JSON banner ending in a lone "}" once it
+    listens: serve, dashboard) as a subprocess: yields the banner, then stops it with
+    SIGTERM (bounded); with `check_exit`, a clean stop must exit 0."""
     import json
 
-    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", "serve", "--run", str(run),
-                             "--host", "127.0.0.1", "--grpc-port", "0", "--json", *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+    stopped_cleanly = False
     try:
         lines = []
-        for line in proc.stdout:  # the JSON object ends with a lone "}"
+        for line in proc.stdout:
             lines.append(line)
             if line.rstrip() == "}":
                 break
         if not lines or lines[-1].rstrip() != "}":
             proc.kill()
-            pytest.fail("fedmoe serve did not start: " + proc.stderr.read()[-2000:])
+            pytest.fail(f"fedmoe {args[0]} did not start: " + proc.stderr.read()[-2000:])
         yield json.loads("".join(lines))
+        stopped_cleanly = True
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            rc = proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            rc = proc.wait()
+    if check_exit and stopped_cleanly:
+        assert rc == 0, f"fedmoe {args[0]} exited {rc} on SIGTERM: " + proc.stderr.read()[-2000:]
+
+
+def fedmoe_serve(run: Path, *extra: str):
+    """`fedmoe serve --run RUN --host 127.0.0.1 --grpc-port 0 --json [extra]` as a
+    subprocess: a context manager that yields its printed JSON info and stops it afterwards."""
+    return fedmoe_daemon("serve", "--run", str(run), "--host", "127.0.0.1", "--grpc-port", "0", "--json", *extra)

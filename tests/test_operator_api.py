@@ -10,9 +10,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from contextlib import redirect_stdout
@@ -21,9 +18,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedmoe.server.ops.dashboard import RunView, checkpoint_norms, start_dashboard
+from fedmoe.server.ops.dashboard import checkpoint_norms, start_dashboard
 from fedmoe.server.ops.operator_service import OperatorClient, start_operator_server
 from fedmoe.server.federation.run_store import RunStore
+
+from deploy_helpers import fedmoe_daemon  # tests/ is on sys.path under pytest
 
 TOKEN = "test-token-0123456789"
 ROUTES = ["/", "/index.html", "/static/dashboard.js", "/static/dashboard.css", "/static/plotly.min.js", "/favicon.ico",
@@ -288,15 +287,8 @@ def test_checkpoint_norms_reject_bad_metadata(tmp_path):
 
 def test_dashboard_command(run_dir):
     """`fedmoe dashboard` prints the token once, serves both APIs, and stops cleanly on SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", "dashboard", "--run", str(run_dir), "--http-port", "0",
-                             "--grpc-port", "0", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        while not (lines and lines[-1].startswith("}")):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()[-2000:]
-            lines.append(line)
-        info = json.loads("".join(lines))
+    with fedmoe_daemon("dashboard", "--run", str(run_dir), "--http-port", "0", "--grpc-port", "0", "--json",
+                       check_exit=True) as info:
         assert info["dashboard"].startswith("http://127.0.0.1:") and info["operator_api"].startswith("127.0.0.1:")
         assert len(info["token"]) >= 24
         assert http_get(info["dashboard"], "/api/run")[0] == 401
@@ -304,6 +296,3 @@ def test_dashboard_command(run_dir):
         client = OperatorClient(info["operator_api"], info["token"])
         assert client.run()["state"] == "finished"
         client.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +22,8 @@ from fedmoe.server.ops.operator_service import OperatorClient, start_operator_se
 from fedmoe.shared.cli import build_parser, main
 from fedmoe.shared.errors import FedmoeError
 
-from test_operator_api import http_get  # noqa: E402 (tests/ is on sys.path under pytest)
+from deploy_helpers import fedmoe_daemon  # noqa: E402 (tests/ is on sys.path under pytest)
+from test_operator_api import http_get  # noqa: E402
 
 TOKEN = "ops-test-token-0123456789"
 
@@ -280,18 +278,10 @@ def test_dashboard_command_with_tls_and_a_token_file(run_dir, certs, tmp_path):
     """`fedmoe dashboard` serving HTTPS + gRPC over TLS with the token from a file: the
     token is never printed, both answer with it, and SIGTERM stops it cleanly."""
     (tmp_path / "token").write_text(TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "fedmoe.shared.cli", "dashboard", "--run", str(run_dir), "--http-port", "0",
-                             "--grpc-port", "0", "--tls-cert", certs["certfile"], "--tls-key", certs["keyfile"],
-                             "--token-file", str(tmp_path / "token"), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        while not (lines and lines[-1].startswith("}")):
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()[-2000:]
-            lines.append(line)
-        assert TOKEN not in "".join(lines)
-        info = json.loads("".join(lines))
+    with fedmoe_daemon("dashboard", "--run", str(run_dir), "--http-port", "0", "--grpc-port", "0",
+                       "--tls-cert", certs["certfile"], "--tls-key", certs["keyfile"],
+                       "--token-file", str(tmp_path / "token"), "--json", check_exit=True) as info:
+        assert TOKEN not in json.dumps(info)
         assert info["tls"] and info["dashboard"].startswith("https://127.0.0.1:") and "token" not in info
         ca = certs["ca_certfile"]
         assert http_get(info["dashboard"], "/api/run", ca=ca)[0] == 401
@@ -299,6 +289,3 @@ def test_dashboard_command_with_tls_and_a_token_file(run_dir, certs, tmp_path):
         client = OperatorClient(info["operator_api"], TOKEN, tls_ca=ca)
         assert client.run()["state"] == "running"
         client.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
