@@ -27,6 +27,37 @@ def fedmoe(*args: str, timeout: float = 120, env: dict | None = None) -> subproc
                           timeout=timeout, env=env)
 
 
+def deployment_root(tmp_path_factory, name: str, domains: int, sites: int) -> tuple[Path, Path, Path, dict]:
+    """What every deployment test starts from: the tiny model, a fresh folder `name` with a
+    suite (`domains` x `sites` sites) in suite/, and the daemons' environment (their own
+    FLWR_HOME, no runtime dependency installation). Returns (model, root, suite, env)."""
+    from fedmoe.shared.pretrain import ensure_default_model
+    from fedmoe.simulations.domain_suite import make_suite
+
+    model = ensure_default_model()
+    root = tmp_path_factory.mktemp(name)
+    make_suite(root / "suite", domains=domains, sites=sites, seed=0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_HOME=str(root / "flwr-home"))
+    return model, root, root / "suite", env
+
+
+def coordinator_args(port: int, out: Path, model: Path, *, rounds: int, sites: int, round_timeout: float,
+                     timeout: float, extra: tuple[str, ...] = ("--insecure",)) -> list[str]:
+    """`fedmoe coordinator start` on 127.0.0.1:`port` for a short tiny-model run (1 local
+    step of batch 4 a round), `extra` its security flags."""
+    return ["coordinator", "start", *extra, "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
+            "--rounds", str(rounds), "--expected-sites", str(sites), "--local-steps", "1", "--batch-size", "4",
+            "--round-timeout", str(round_timeout), "--node-wait", "180", "--model", str(model), "--timeout", str(timeout)]
+
+
+def site_args(port: int, data: Path, model: Path, work: Path, *extra: str) -> list[str]:
+    """`fedmoe site start` against 127.0.0.1:`port` (rank 4, unquantized, 1 thread), `extra`
+    its security flags."""
+    return ["site", "start", *extra, "--superlink", f"127.0.0.1:{port}", "--data", str(data), "--quant", "none",
+            "--rank", "4", "--model", str(model), "--work-dir", str(work), "--threads", "1"]
+
+
 class Proc:
     """A `fedmoe ...` subprocess in its own session, output in a log file."""
 

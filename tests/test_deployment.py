@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Proc, free_port
+from deploy_helpers import Proc, coordinator_args, deployment_root, free_port, site_args
 
 
 pytestmark = pytest.mark.slow  # real SuperLink + SuperNodes + site daemons: the full suite, not the quick tier
@@ -28,30 +28,18 @@ RUN_TIMEOUT = 420.0
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    from fedmoe.shared.pretrain import ensure_default_model
-    from fedmoe.simulations.domain_suite import make_suite
-
-    model = ensure_default_model()
-    root = tmp_path_factory.mktemp("deploy")
-    suite = root / "suite"
-    make_suite(suite, domains=2, sites=2, seed=0)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_HOME=str(root / "flwr-home"))
+    model, root, suite, env = deployment_root(tmp_path_factory, "deploy", domains=2, sites=2)
     port = free_port()
     out = root / "run"
     procs: list[Proc] = []
     try:
         started = time.monotonic()
-        coord = Proc("coordinator", ["coordinator", "start", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                                     "--out", str(out), "--rounds", "2", "--expected-sites", "2", "--local-steps", "1",
-                                     "--batch-size", "4", "--round-timeout", str(ROUND_TIMEOUT), "--node-wait", "180",
-                                     "--model", str(model), "--timeout", str(RUN_TIMEOUT)], root, env)
+        coord = Proc("coordinator", coordinator_args(port, out, model, rounds=2, sites=2, round_timeout=ROUND_TIMEOUT,
+                                                     timeout=RUN_TIMEOUT), root, env)
         procs.append(coord)
         sites = {}
         for name in ("site-00", "site-01"):
-            sites[name] = Proc(name, ["site", "start", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                      "--data", str(suite / name), "--quant", "none", "--rank", "4", "--model", str(model),
-                                      "--work-dir", str(root / f"work-{name}"), "--threads", "1"], root, env)
+            sites[name] = Proc(name, site_args(port, suite / name, model, root / f"work-{name}", "--insecure"), root, env)
             procs.append(sites[name])
         victim = sites["site-01"]
         # Mid-round: the victim's daemon has received round 2's TRAIN and is training.

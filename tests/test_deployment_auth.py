@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Proc, fedmoe, free_port
+from deploy_helpers import Proc, coordinator_args, deployment_root, fedmoe, free_port, site_args
 
 pytestmark = pytest.mark.slow
 
@@ -92,39 +92,27 @@ def outsider(root: Path, ca: Path, port: int, run_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def auth_deployment(tmp_path_factory):
-    from fedmoe.shared.pretrain import ensure_default_model
-    from fedmoe.simulations.domain_suite import make_suite
-
-    model = ensure_default_model()
-    root = tmp_path_factory.mktemp("auth")
-    suite = root / "suite"
-    make_suite(suite, domains=1, sites=3, seed=0)
+    model, root, suite, env = deployment_root(tmp_path_factory, "auth", domains=1, sites=3)
     keys = root / "keys"
     for args in (["init", "--host", "127.0.0.1"], *(["site", k] for k in REGISTERED.values()), ["site", "stranger"]):
         r = fedmoe("keys", *args, "--out", str(keys))
         assert r.returncode == 0, r.stderr
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_HOME=str(root / "flwr-home"))
     port, out = free_port(), root / "run"
     tls = ["--ssl-ca-certfile", str(keys / "ca.crt"), "--ssl-certfile", str(keys / "server.pem"), "--ssl-keyfile", str(keys / "server.key")]
     registered = [a for k in REGISTERED.values() for a in ("--site-public-key", str(keys / "sites" / f"{k}.pub"))]
     procs: list[Proc] = []
 
     def site(data: str, key: str) -> Proc:
-        p = Proc(key, ["site", "start", "--superlink", f"127.0.0.1:{port}", "--data", str(suite / data), "--quant", "none",
-                       "--rank", "4", "--model", str(model), "--root-certificates", str(keys / "ca.crt"),
-                       "--auth-supernode-private-key", str(keys / "sites" / key), "--work-dir", str(root / f"work-{key}"),
-                       "--threads", "1", "--max-retries", "2"], root, env)
+        p = Proc(key, site_args(port, suite / data, model, root / f"work-{key}", "--root-certificates", str(keys / "ca.crt"),
+                                "--auth-supernode-private-key", str(keys / "sites" / key), "--max-retries", "2"), root, env)
         procs.append(p)
         return p
 
     try:
         started = time.monotonic()
-        coord = Proc("coordinator", ["coordinator", "start", "--host", "127.0.0.1", "--port", str(port), *tls,
-                                     "--enable-supernode-auth", *registered, "--privacy", "secagg", "--clip", "0.5",
-                                     "--out", str(out), "--rounds", "1", "--expected-sites", "2", "--node-wait", "180",
-                                     "--local-steps", "1", "--batch-size", "4", "--round-timeout", "120",
-                                     "--model", str(model), "--timeout", str(RUN_TIMEOUT)], root, env)
+        coord = Proc("coordinator", coordinator_args(port, out, model, rounds=1, sites=2, round_timeout=120, timeout=RUN_TIMEOUT,
+                                                     extra=(*tls, "--enable-supernode-auth", *registered, "--privacy", "secagg",
+                                                            "--clip", "0.5")), root, env)
         procs.append(coord)
         run_id = coord.wait_for(r"Successfully started run (\d+)", 120).group(1)  # keys are registered before the run
         text = coord.text()

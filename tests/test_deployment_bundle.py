@@ -13,14 +13,13 @@ tests/test_bundle_check.py.)
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Proc, free_port
+from deploy_helpers import Proc, coordinator_args, deployment_root, free_port, site_args
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +54,7 @@ def main(grid, context):
 
 @pytest.fixture(scope="module")
 def foreign_submission(tmp_path_factory):
-    from fedmoe.shared.pretrain import ensure_default_model
-    from fedmoe.simulations.domain_suite import make_suite
-
-    model = ensure_default_model()
-    root = tmp_path_factory.mktemp("bundle")
-    make_suite(root / "suite", domains=1, sites=1, seed=0)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_HOME=str(root / "flwr-home"))
+    model, root, suite, env = deployment_root(tmp_path_factory, "bundle", domains=1, sites=1)
     port, out = free_port(), root / "run"
     app = root / "foreign-app"
     app.mkdir()
@@ -75,15 +67,12 @@ def foreign_submission(tmp_path_factory):
     procs: list[Proc] = []
     try:
         started = time.monotonic()
-        coord = Proc("coordinator", ["coordinator", "start", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                                     "--out", str(out), "--rounds", "1", "--expected-sites", "1", "--local-steps", "1",
-                                     "--batch-size", "4", "--round-timeout", "120", "--node-wait", "180",
-                                     "--model", str(model), "--timeout", str(RUN_TIMEOUT)], root, env)
+        coord = Proc("coordinator", coordinator_args(port, out, model, rounds=1, sites=1, round_timeout=120,
+                                                     timeout=RUN_TIMEOUT), root, env)
         procs.append(coord)
         own_run = coord.wait_for(r"Successfully started run (\d+)", 120).group(1)
-        site = Proc("site", ["site", "start", "--insecure", "--superlink", f"127.0.0.1:{port}", "--data",
-                             str(root / "suite" / "site-00"), "--quant", "none", "--rank", "4", "--model", str(model),
-                             "--work-dir", str(root / "work-site"), "--threads", "1", "--poll-interval", "0.25"], root, env)
+        site = Proc("site", site_args(port, suite / "site-00", model, root / "work-site", "--insecure",
+                                      "--poll-interval", "0.25"), root, env)
         procs.append(site)
         # Someone on the coordinator machine submits their app on the loopback Control API.
         submit = subprocess.run(["flwr", "run", str(app), "fedmoe"], capture_output=True, text=True, timeout=120,
