@@ -58,6 +58,19 @@ def site_args(port: int, data: Path, model: Path, work: Path, *extra: str) -> li
             "--rank", "4", "--model", str(model), "--work-dir", str(work), "--threads", "1"]
 
 
+def foreign_app(folder: Path, source: str) -> Path:
+    """A Flower app that is not fedmoe's, as an outsider would submit it: `source` as
+    evil.py (a ServerApp `app` and a ClientApp `client`) and its pyproject.toml."""
+    folder.mkdir()
+    (folder / "evil.py").write_text(source)
+    (folder / "pyproject.toml").write_text('[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+                                           '[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n\n'
+                                           '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+                                           '[tool.flwr.app]\npublisher = "evil"\n\n[tool.flwr.app.components]\n'
+                                           'serverapp = "evil:app"\nclientapp = "evil:client"\n\n[tool.flwr.app.config]\n')
+    return folder
+
+
 class Proc:
     """A `fedmoe ...` subprocess in its own session, output in a log file."""
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Proc, coordinator_args, deployment_root, fedmoe, free_port, site_args
+from deploy_helpers import Proc, coordinator_args, deployment_root, fedmoe, foreign_app, free_port, site_args
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +74,7 @@ def outsider(root: Path, ca: Path, port: int, run_id: str) -> dict:
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "outsider"\n\n[superlink.outsider]\n'
                                       f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n')
-    app.mkdir()
-    (app / "evil.py").write_text(EVIL_APP.format(marker=str(marker)))
-    (app / "pyproject.toml").write_text('[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
-                                        '[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n\n'
-                                        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
-                                        '[tool.flwr.app]\npublisher = "evil"\n\n[tool.flwr.app.components]\n'
-                                        'serverapp = "evil:app"\nclientapp = "evil:client"\n\n[tool.flwr.app.config]\n')
+    foreign_app(app, EVIL_APP.format(marker=str(marker)))
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     results = {}
     for name, args in (("ls", ["ls", "outsider"]), ("run", ["run", str(app), "outsider"]), ("stop", ["stop", run_id, "outsider"])):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import Proc, coordinator_args, deployment_root, free_port, site_args
+from deploy_helpers import Proc, coordinator_args, deployment_root, foreign_app, free_port, site_args
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +56,8 @@ def main(grid, context):
 def foreign_submission(tmp_path_factory):
     model, root, suite, env = deployment_root(tmp_path_factory, "bundle", domains=1, sites=1)
     port, out = free_port(), root / "run"
-    app = root / "foreign-app"
-    app.mkdir()
     markers = {"server_marker": str(root / "foreign-serverapp.json"), "client_marker": str(root / "foreign-clientapp-ran")}
-    (app / "evil.py").write_text(FOREIGN_APP.format(**markers))
-    (app / "pyproject.toml").write_text('[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
-                                        '[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n\n'
-                                        '[tool.flwr.app]\npublisher = "evil"\n\n[tool.flwr.app.components]\n'
-                                        'serverapp = "evil:app"\nclientapp = "evil:client"\n\n[tool.flwr.app.config]\n')
+    app = foreign_app(root / "foreign-app", FOREIGN_APP.format(**markers))
     procs: list[Proc] = []
     try:
         started = time.monotonic()
