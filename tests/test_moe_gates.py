@@ -268,3 +268,33 @@ def test_a_rescaled_merge_equals_a_merge_built_at_that_lambda_and_top_svd_is_nea
         u, s, v = torch.linalg.svd(m, full_matrices=False)
         best = (m - (u[:, :r] * s[:r]) @ v[:r]).norm()
         assert (m - us @ vh).norm() <= 1.01 * best, r
+
+
+def test_static_merges_on_a_fan_in_fan_out_model_keep_the_layout():
+    """GPT-2's Conv1D layers store ΔW as (in, out) (peft's `fan_in_fan_out`): the static
+    merges of two sign-agreeing experts, at density 1, are exact there too, on the
+    rectangular layers as on the square one: cat/svd Σ λ ΔW_k, TIES/DARE-TIES the mean of
+    the λ ΔW_k (every sign is elected, nothing is dropped, the disjoint merge averages)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedmoe.server.moe.static_merge import STATIC_MERGES, add_static_merge
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="a")
+    model.add_adapter("b", config)
+    for module in model.modules():
+        if hasattr(module, "lora_A") and "a" in module.lora_A:
+            module.lora_A["b"].weight.data.copy_(module.lora_A["a"].weight.data)
+            module.lora_B["b"].weight.data.copy_(2 * module.lora_B["a"].weight.data)
+    lam = 0.7
+    a = _delta_weights(model, "a")
+    assert {(32, 96), (32, 32), (128, 32)} == {tuple(v.shape) for v in a.values()}  # Conv1D's (in, out)
+    for method in STATIC_MERGES:
+        name = add_static_merge(model, ["a", "b"], method, params={"lambda": lam, "density": 1.0})
+        got, factor = _delta_weights(model, name), (3 if method in ("cat", "svd") else 1.5) * lam  # ΔW_b = 2 ΔW_a
+        for k in a:
+            assert torch.allclose(got[k], factor * a[k], atol=1e-5), (method, k, float((got[k] - factor * a[k]).abs().max()))
+        model.delete_adapter(name)
