@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedmoe.simulations.benchmarks.quality import paired, summarize
+from fedmoe.simulations.benchmarks.quality import paired, summarize, summary
 
 
 def report(oracle: float, local: float, gate: float, conflict: float = 0.5) -> dict:
@@ -52,6 +52,25 @@ def test_gate_against_the_best_static_merge_and_summary_from_kept_runs(tmp_path)
     p = out["paired"]["gate_vs_best_static"]
     assert (p["gate"], p["merge"]) == ("moe_arrow", "static_cat") and p["mean"] == pytest.approx((0.38 + 0.39) / 2)
     assert out["paired"]["gate_vs_best_static_conflict"]["mean"] == pytest.approx(0.3)
+    for r in reports:  # a merge that is worse on the mixed set but better on conflict is the conflict bar
+        r["methods"]["static_svd"]["conflict"] = 0.45
+        r["methods"]["moe_arrow"]["routing_accuracy"] = 0.9
+        r["methods"]["moe_learned"]["routing_accuracy"] = 1.0
+    out = summarize([0, 1], reports, {})
+    c = out["paired"]["gate_vs_best_static_conflict"]
+    assert c["merge"] == "static_svd" and c["mean"] == pytest.approx(0.05)
+    assert out["methods"]["moe_arrow"]["routing"] == pytest.approx({"mean": 0.9, "sd": 0.0, "n": 2})
+    assert "routing" not in out["methods"]["experts_oracle"]
+    targets = {t["target"]: t for t in out["targets"]}
+    assert targets["experts_oracle - local_only >= +5 points"]["met"] is True
+    assert targets["best gate's routing accuracy >= 95%"] | {} == {"target": "best gate's routing accuracy >= 95%",
+                                                                  "measured": pytest.approx(0.9), "threshold": 0.95, "met": False}
+    ratio = targets["best gate >= 99% of experts_oracle (mixed)"]
+    assert ratio["measured"] == pytest.approx(0.735 / 0.75) and ratio["met"] is False
+    assert targets["best gate - best static merge >= +5 points (conflict)"]["met"] is True
+    text = summary(out)
+    assert "| moe_arrow | 0.735 | 0.735 | **0.735 ± 0.064** | 0.500 ± 0.000 | 0.900 ± 0.000 |" in text
+    assert "MISSED best gate's routing accuracy >= 95%" in text and "[moe_arrow vs static_svd]" in text
     for seed, r in enumerate(reports):  # a --keep-runs folder, one seed still running (no report.json)
         (tmp_path / f"seed{seed}").mkdir()
         (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps(r | {"wall_seconds": 100.0 + seed}))

@@ -8,9 +8,11 @@ different federation: `--aggregation naive` and `--compression int8` (`--no-base
 --no-moe --no-mia`; only their experts are compared). Each run is a fresh process.
 
 Reported, per method: mean and sample sd over seeds of the mixed accuracy, the conflict
-set's (when the suite has one) and each domain's. Paired differences (per seed, then mean
+set's (when the suite has one), each domain's, and each gate's routing accuracy. Paired differences (per seed, then mean
 ± sd): `exact_vs_naive` and `int8_vs_fp32` (experts_oracle), `gate_vs_oracle` (the best
-gate by mean), `experts_vs_local_only`, `experts_vs_centralized`. A difference whose
+gate by mean), `experts_vs_local_only`, `experts_vs_centralized`, `gate_vs_best_static`
+(the best merge on the mixed set) and `gate_vs_best_static_conflict` (the best merge on
+the conflict set). `targets` checks issue 15's thresholds on those means. A difference whose
 |mean| is within 2 sd (or with one seed) is marked `"resolved": false`: report it as no
 measurable difference.
 
@@ -80,6 +82,8 @@ def summarize(seeds: list[int], reports: list[dict], variants: dict[str, list[di
                  "per_domain": {d: mean_sd([row["per_domain"][d] for row in rows]) for d in rows[0]["per_domain"]}}
         if all(isinstance(row.get("conflict"), (int, float)) for row in rows):
             entry["conflict"] = mean_sd([row["conflict"] for row in rows])
+        if all(isinstance(row.get("routing_accuracy"), (int, float)) for row in rows):
+            entry["routing"] = mean_sd([row["routing_accuracy"] for row in rows])
         methods[name] = entry
 
     def series(name: str, source=reports) -> list[float]:
@@ -99,7 +103,9 @@ def summarize(seeds: list[int], reports: list[dict], variants: dict[str, list[di
             if merges:
                 merge = max(merges, key=lambda m: methods[m]["mixed"]["mean"])
                 pairs["gate_vs_best_static"] = paired(series(best), series(merge)) | {"gate": best, "merge": merge}
-                if "conflict" in methods[best] and "conflict" in methods[merge]:
+                with_conflict = [m for m in merges if "conflict" in methods[m]]
+                if "conflict" in methods[best] and with_conflict:  # against the merge best on the conflict set
+                    merge = max(with_conflict, key=lambda m: methods[m]["conflict"]["mean"])
                     conflict = [[r["methods"][m]["conflict"] for r in reports] for m in (best, merge)]
                     pairs["gate_vs_best_static_conflict"] = paired(*conflict) | {"gate": best, "merge": merge}
         for variant, label in (("naive", "exact_vs_naive"), ("int8", "int8_vs_fp32")):
@@ -109,10 +115,36 @@ def summarize(seeds: list[int], reports: list[dict], variants: dict[str, list[di
                 pairs[label] = diff if variant == "naive" else {**diff, "mean": -diff["mean"]}  # int8 minus fp32
     metric = reports[0].get("metric", "exact_match")
     return {"benchmark": "quality", "preset": reports[0].get("preset"), "metric": metric, "seeds": seeds,
-            "methods": methods, "paired": pairs,
+            "methods": methods, "paired": pairs, "targets": targets(methods, pairs),
             "seconds_per_seed": mean_sd([r["bench_seconds"] for r in reports]),
             "note": "mean ± sample sd over seeds; a paired difference with |mean| <= 2 sd is not resolved "
                     "(no measurable difference)"}
+
+
+def targets(methods: dict, pairs: dict) -> list[dict]:
+    """Issue 15's "done when", checked on the means over seeds: each target with what was
+    measured and whether the mean meets it (`met`); `resolved` says whether the paired
+    difference behind it is outside its noise. Reported, never used to choose anything."""
+    out = []
+
+    def add(name: str, measured: float, target: float, resolved: bool | None = None) -> None:
+        out.append({"target": name, "measured": measured, "threshold": target, "met": measured >= target - 1e-9}
+                   | ({} if resolved is None else {"resolved": resolved}))
+
+    for label, name, threshold in (("experts_vs_local_only", "experts_oracle - local_only >= +5 points", 0.05),
+                                   ("experts_vs_centralized", "experts_oracle - centralized >= -3 points", -0.03),
+                                   ("gate_vs_best_static", "best gate - best static merge >= +5 points (mixed)", 0.05),
+                                   ("gate_vs_best_static_conflict", "best gate - best static merge >= +5 points (conflict)", 0.05)):
+        if label in pairs:
+            add(name, pairs[label]["mean"], threshold, pairs[label]["resolved"])
+    if "gate_vs_oracle" in pairs:
+        gate, oracle = methods[pairs["gate_vs_oracle"]["gate"]], methods["experts_oracle"]
+        for part in ("mixed", "conflict"):
+            if part in gate and part in oracle and oracle[part]["mean"] > 0:
+                add(f"best gate >= 99% of experts_oracle ({part})", gate[part]["mean"] / oracle[part]["mean"], 0.99)
+        if "routing" in gate:
+            add("best gate's routing accuracy >= 95%", gate["routing"]["mean"], 0.95)
+    return out
 
 
 def run(args) -> dict:
@@ -159,16 +191,29 @@ def from_runs(root: Path) -> dict:
 
 
 def summary(result: dict) -> str:
-    seeds = result["seeds"]
-    lines = [f"{result['preset']} preset, {len(seeds)} seeds {seeds}, metric {result['metric']} (mean ± sd):",
-             f"{'method':<24}{'mixed':>16}{'conflict':>16}"]
-    for name, m in result["methods"].items():
-        conflict = f"{m['conflict']['mean']:.3f} ± {m['conflict']['sd']:.3f}" if "conflict" in m else "-"
-        lines.append(f"{name:<24}{m['mixed']['mean']:>9.3f} ± {m['mixed']['sd']:.3f}{conflict:>16}")
-    lines.append("paired differences (points):")
+    """A Markdown table (per-domain means; mixed, conflict and routing as mean ± sd), the
+    paired differences and the targets: what the README's tables are copied from."""
+    seeds, methods = result["seeds"], result["methods"]
+    domains = sorted({d for m in methods.values() for d in m["per_domain"]})
+    cell = lambda v: f"{v['mean']:.3f} ± {v['sd']:.3f}"  # noqa: E731
+    lines = [f"{result['preset']} preset, seeds {', '.join(map(str, seeds))}, {result['metric']} (mean ± sd over seeds):", "",
+             "| method | " + " | ".join(domains) + " | mixed | conflict | routing |",
+             "|---|" + "---|" * (len(domains) + 3)]
+    for name, m in methods.items():
+        per = " | ".join(f"{m['per_domain'][d]['mean']:.3f}" if d in m["per_domain"] else "" for d in domains)
+        lines.append(f"| {name} | {per} | **{cell(m['mixed'])}** | {cell(m['conflict']) if 'conflict' in m else ''} | "
+                     f"{cell(m['routing']) if 'routing' in m else ''} |")
+    lines += ["", "paired differences (points, mean ± sd over seeds):"]
     for name, p in result["paired"].items():
         verdict = "" if p["resolved"] else "  (no measurable difference)"
-        lines.append(f"  {name:<24}{100 * p['mean']:+7.1f} ± {100 * p['sd']:.1f}{verdict}")
+        which = f"  [{p['gate']} vs {p['merge']}]" if "merge" in p else (f"  [{p['gate']}]" if "gate" in p else "")
+        lines.append(f"  {name:<30}{100 * p['mean']:+7.1f} ± {100 * p['sd']:.1f}{verdict}{which}")
+    if result.get("targets"):
+        lines += ["", "targets (on the means):"]
+        for t in result["targets"]:
+            noise = "" if t.get("resolved", True) else ", inside the noise"
+            value = f"{100 * t['measured']:+.1f} points" if "points" in t["target"] else f"{100 * t['measured']:.1f}%"
+            lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {value}{noise}")
     return "\n".join(lines)
 
 
