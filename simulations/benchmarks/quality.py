@@ -224,13 +224,18 @@ def plot(result: dict, png) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["methods"])
-    means = [result["methods"][n]["mixed"]["mean"] for n in names]
-    sds = [result["methods"][n]["mixed"]["sd"] for n in names]
+    parts = ["mixed"] + (["conflict"] if any("conflict" in m for m in result["methods"].values()) else [])
+    width = 0.8 / len(parts)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
-    ax.bar(names, means, yerr=sds, capsize=3, color="#4C72B0")
+    for i, (part, color) in enumerate(zip(parts, ("#4C72B0", "#DD8452"))):
+        entries = [result["methods"][n].get(part, {"mean": 0.0, "sd": 0.0}) for n in names]
+        ax.bar([j + (i - (len(parts) - 1) / 2) * width for j in range(len(names))], [e["mean"] for e in entries],
+               width, yerr=[e["sd"] for e in entries], capsize=2, color=color, label=part)
+    ax.set_xticks(range(len(names)), names)
+    ax.legend(fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel(f"mixed {result['metric']} (mean ± sd, {len(result['seeds'])} seeds)")
-    ax.set_title(f"fedmoe bench quality --preset {result['preset']}", fontsize=9)
+    ax.set_ylabel(f"{result['metric']} (mean ± sd, {len(result['seeds'])} seeds)")
+    ax.set_title(f"fedmoe bench quality --preset {result['preset']}, seeds {', '.join(map(str, result['seeds']))}", fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
