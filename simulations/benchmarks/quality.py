@@ -212,7 +212,7 @@ def summary(result: dict) -> str:
         lines += ["", "targets (on the means):"]
         for t in result["targets"]:
             noise = "" if t.get("resolved", True) else ", inside the noise"
-            value = f"{100 * t['measured']:+.1f} points" if "points" in t["target"] else f"{100 * t['measured']:.1f}%"
+            value = f"{100 * t['measured']:+.2f} points" if "points" in t["target"] else f"{100 * t['measured']:.1f}%"
             lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['target']}: {value}{noise}")
     return "\n".join(lines)
 
