@@ -177,24 +177,43 @@ def test_static_merges_are_exact_sums_and_ties_on_delta_w(served, mixed):
 
 
 def test_static_merge_tuning_sees_only_the_validation_records(served, sites, mixed):
+    """Tuning scores every grid point on the validation records only, builds each density
+    once (rescaling it per λ) and picks what a rebuild at every point would."""
     from fedmoe.server.moe.static_merge import param_grid, tune_static_merge
     from fedmoe.simulations.moe_report import validation_split
 
     validation = validation_split(sites, per_site=2)
     site_eval = [r for s in sites for r in s.eval]
     assert validation and all(any(r is x for x in site_eval) for r in validation)
-    seen, adapters = [], []
+    import fedmoe.server.moe.static_merge as static_merge
+
+    seen, adapters, builds = [], [], []
+
+    def delta_norm(adapter):  # of the merge on the model: ∝ λ, and depends on the density
+        return sum(float(m.get_delta_weight(adapter).norm()) for m in static_merge.lora_modules(served.model, adapter))
+
+    grid = param_grid("ties_svd", len(served.experts))
+    reference = []  # every grid point built from scratch
+    for params in grid:
+        name = static_merge.add_static_merge(served.model, served.experts, "ties_svd", adapter_name="ref", params=params)
+        reference.append(delta_norm(name))
+        served.model.delete_adapter(name)
+    target = sorted(reference)[len(reference) // 2]
 
     def score(adapter, records):
         seen.append(list(records))
         adapters.append(adapter)
-        w = served.model.peft_config[adapter]  # the merge under test is on the model
-        assert w.r > 0
-        return -abs(len(adapters) - 3)  # a made-up score, best at the third grid point
+        assert served.model.peft_config[adapter].r > 0  # the merge under test is on the model
+        return -abs(delta_norm(adapter) - target)  # best at an interior grid point
 
-    params, best = tune_static_merge(served, "ties_svd", validation, score)
-    grid = param_grid("ties_svd", len(served.experts))
-    assert len(seen) == len(grid) and params == grid[2] and best == 0
+    build = static_merge.add_static_merge
+    static_merge.add_static_merge = lambda *a, **k: builds.append(k["params"]) or build(*a, **k)
+    try:
+        params, best = tune_static_merge(served, "ties_svd", validation, score)
+    finally:
+        static_merge.add_static_merge = build
+    assert len(seen) == len(grid) and params == grid[reference.index(target)] and best == pytest.approx(0, abs=1e-3 * target)
+    assert len(builds) == len(static_merge.DENSITY_GRID)  # one build per density, rescaled for each λ
     assert all(records == validation for records in seen)
     assert not any(r is m for rs in seen for r in rs for m in mixed)  # never a mixed test record
     assert all(a not in served.model.peft_config for a in adapters)  # tuning leaves no adapter behind

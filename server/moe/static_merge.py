@@ -188,20 +188,23 @@ def tune_static_merge(served, name: str, validation_records: list, score_fn, see
     if not validation_records:
         raise FedmoeError(f"static merge {name!r}: no validation records to tune on")
     model, experts = served.model, list(served.experts)
-    best, best_score = None, None
+    grid = list(grid or param_grid(name, len(experts)))
+    # Each density's λs one after another: one build per density, then rescales (the
+    # grid itself lists λ-major, which would rebuild at every point).
+    order = sorted(range(len(grid)), key=lambda i: repr(grid[i].get("density")))
+    scores: dict[int, object] = {}
     adapter, built = f"static_{name}_tuning", None  # built: (density, λ) of the merge on the model
     try:
-        for params in grid or param_grid(name, len(experts)):
-            lam, density = float(params["lambda"]), params.get("density")
+        for i in order:
+            lam, density = float(grid[i]["lambda"]), grid[i].get("density")
             if built is not None and built[0] == density and built[1] != 0:
                 scale_merge(model, adapter, lam / built[1])  # merge(λ) = λ merge(1): no rebuild
             else:
-                add_static_merge(model, experts, name, adapter_name=adapter, params=params, seed=seed)
+                add_static_merge(model, experts, name, adapter_name=adapter, params=grid[i], seed=seed)
             built = (density, lam)
-            score = score_fn(adapter, validation_records)
-            if best_score is None or score > best_score:
-                best, best_score = dict(params), score
+            scores[i] = score_fn(adapter, validation_records)
     finally:
         if adapter in model.peft_config:
             model.delete_adapter(adapter)
-    return best, best_score
+    best = max(scores, key=lambda i: (scores[i], -i))  # a tie goes to the first in grid order
+    return dict(grid[best]), scores[best]
