@@ -36,6 +36,13 @@ def test_summary_has_the_documented_shape():
     assert p["gate_vs_oracle"]["gate"] == "moe_arrow" and p["gate_vs_oracle"]["mean"] == pytest.approx(-0.0133, abs=1e-3)
     assert p["exact_vs_naive"]["mean"] == pytest.approx((0.1 - 0.02 + 0.05) / 3)
     assert p["int8_vs_fp32"]["mean"] == pytest.approx(0.0) and p["int8_vs_fp32"]["resolved"] is False
+    assert "exact_vs_naive_loss" not in p  # these reports carry no loss
+    for runs, losses in ((reports, (1.0, 0.9, 0.8)), (naive, (0.9, 0.85, 0.7)), (int8, (1.1, 0.9, 0.85))):
+        for r, loss in zip(runs, losses):
+            r["methods"]["experts_oracle"]["loss"] = loss
+    p = summarize([0, 1, 2], reports, {"naive": naive, "int8": int8})["paired"]
+    assert p["exact_vs_naive_loss"]["mean"] == pytest.approx(0.25 / 3) and p["exact_vs_naive_loss"]["resolved"] is True
+    assert p["int8_vs_fp32_loss"]["mean"] == pytest.approx(0.15 / 3)  # int8 minus fp32
 
 
 def test_gate_against_the_best_static_merge_and_summary_from_kept_runs(tmp_path):

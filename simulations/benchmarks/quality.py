@@ -12,7 +12,9 @@ set's (when the suite has one), each domain's, and each gate's routing accuracy.
 ± sd): `exact_vs_naive` and `int8_vs_fp32` (experts_oracle), `gate_vs_oracle` (the best
 gate by mean), `experts_vs_local_only`, `experts_vs_centralized`, `gate_vs_best_static`
 (the best merge on the mixed set) and `gate_vs_best_static_conflict` (the best merge on
-the conflict set). `targets` checks issue 15's thresholds on those means. A difference whose
+the conflict set); with the variants also `exact_vs_naive_loss` and `int8_vs_fp32_loss`
+(experts_oracle's mixed loss, lower is better). `targets` checks issue 15's thresholds on
+those means. A difference whose
 |mean| is within 2 sd (or with one seed) is marked `"resolved": false`: report it as no
 measurable difference.
 
@@ -113,6 +115,10 @@ def summarize(seeds: list[int], reports: list[dict], variants: dict[str, list[di
             if runs:
                 diff = paired(oracle, series("experts_oracle", runs))
                 pairs[label] = diff if variant == "naive" else {**diff, "mean": -diff["mean"]}  # int8 minus fp32
+                losses = [[r["methods"]["experts_oracle"].get("loss") for r in source] for source in (reports, runs)]
+                if all(isinstance(v, (int, float)) for side in losses for v in side):  # mixed loss, lower is better
+                    diff = paired(*losses)
+                    pairs[f"{label}_loss"] = diff if variant == "naive" else {**diff, "mean": -diff["mean"]}
     metric = reports[0].get("metric", "exact_match")
     return {"benchmark": "quality", "preset": reports[0].get("preset"), "metric": metric, "seeds": seeds,
             "methods": methods, "paired": pairs, "targets": targets(methods, pairs),
@@ -203,11 +209,12 @@ def summary(result: dict) -> str:
         per = " | ".join(f"{m['per_domain'][d]['mean']:.3f}" if d in m["per_domain"] else "" for d in domains)
         lines.append(f"| {name} | {per} | **{cell(m['mixed'])}** | {cell(m['conflict']) if 'conflict' in m else ''} | "
                      f"{cell(m['routing']) if 'routing' in m else ''} |")
-    lines += ["", "paired differences (points, mean ± sd over seeds):"]
+    lines += ["", "paired differences (points, mean ± sd over seeds; *_loss: mixed loss, nats):"]
     for name, p in result["paired"].items():
         verdict = "" if p["resolved"] else "  (no measurable difference)"
         which = f"  [{p['gate']} vs {p['merge']}]" if "merge" in p else (f"  [{p['gate']}]" if "gate" in p else "")
-        lines.append(f"  {name:<30}{100 * p['mean']:+7.1f} ± {100 * p['sd']:.1f}{verdict}{which}")
+        value = f"{p['mean']:+7.3f} ± {p['sd']:.3f}" if name.endswith("_loss") else f"{100 * p['mean']:+7.1f} ± {100 * p['sd']:.1f}"
+        lines.append(f"  {name:<30}{value}{verdict}{which}")
     if result.get("targets"):
         lines += ["", "targets (on the means):"]
         for t in result["targets"]:
