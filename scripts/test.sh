@@ -10,4 +10,4 @@ if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
     || echo "setup: could not install chromium; the dashboard browser test will be skipped" >&2
 fi
-exec python3 -m pytest -q -p no:cacheprovider -p no:hypothesispytest "$@"
+exec python3 -m pytest -q -p no:cacheprovider -p no:hypothesispytest --durations=15 "$@"

@@ -192,7 +192,8 @@ def test_static_merge_tuning_sees_only_the_validation_records(served, sites, mix
     def delta_norm(adapter):  # of the merge on the model: ∝ λ, and depends on the density
         return sum(float(m.get_delta_weight(adapter).norm()) for m in static_merge.lora_modules(served.model, adapter))
 
-    grid = param_grid("ties_svd", len(served.experts))
+    grid = [{"lambda": lam, "density": d} for lam in (0.5, 1.0) for d in (0.3, 0.7)]  # λ-major, as param_grid lists
+    assert param_grid("ties_svd", len(served.experts))[:2] == [{"lambda": 0.5, "density": 0.3}, {"lambda": 0.5, "density": 0.5}]
     reference = []  # every grid point built from scratch
     for params in grid:
         name = static_merge.add_static_merge(served.model, served.experts, "ties_svd", adapter_name="ref", params=params)
@@ -209,11 +210,11 @@ def test_static_merge_tuning_sees_only_the_validation_records(served, sites, mix
     build = static_merge.add_static_merge
     static_merge.add_static_merge = lambda *a, **k: builds.append(k["params"]) or build(*a, **k)
     try:
-        params, best = tune_static_merge(served, "ties_svd", validation, score)
+        params, best = tune_static_merge(served, "ties_svd", validation, score, grid=grid)
     finally:
         static_merge.add_static_merge = build
     assert len(seen) == len(grid) and params == grid[reference.index(target)] and best == pytest.approx(0, abs=1e-3 * target)
-    assert len(builds) == len(static_merge.DENSITY_GRID)  # one build per density, rescaled for each λ
+    assert len(builds) == 2  # one build per density, rescaled for each λ
     assert all(records == validation for records in seen)
     assert not any(r is m for rs in seen for r in rs for m in mixed)  # never a mixed test record
     assert all(a not in served.model.peft_config for a in adapters)  # tuning leaves no adapter behind
