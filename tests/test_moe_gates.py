@@ -176,21 +176,20 @@ def test_static_merges_are_exact_sums_and_ties_on_delta_w(served, mixed):
         add_static_merge(served.model, served.experts, "ties_svd", params={"density": 1.5})
 
 
-def test_static_merge_tuning_sees_only_the_validation_records(served, sites, mixed):
+def test_static_merge_tuning_sees_only_the_validation_records(served, sites, mixed, monkeypatch):
     """Tuning scores every grid point on the validation records only, builds each density
     once (rescaling it per λ) and picks what a rebuild at every point would."""
+    import fedmoe.server.moe.static_merge as static_merge
     from fedmoe.server.moe.static_merge import param_grid, tune_static_merge
     from fedmoe.simulations.moe_report import validation_split
 
     validation = validation_split(sites, per_site=2)
     site_eval = [r for s in sites for r in s.eval]
     assert validation and all(any(r is x for x in site_eval) for r in validation)
-    import fedmoe.server.moe.static_merge as static_merge
-
     seen, adapters, builds = [], [], []
 
     def delta_norm(adapter):  # of the merge on the model: ∝ λ, and depends on the density
-        return sum(float(m.get_delta_weight(adapter).norm()) for m in static_merge.lora_modules(served.model, adapter))
+        return sum(float(v.norm()) for v in _delta_weights(served.model, adapter).values())
 
     grid = [{"lambda": lam, "density": d} for lam in (0.5, 1.0) for d in (0.3, 0.7)]  # λ-major, as param_grid lists
     assert param_grid("ties_svd", len(served.experts))[:2] == [{"lambda": 0.5, "density": 0.3}, {"lambda": 0.5, "density": 0.5}]
@@ -208,11 +207,9 @@ def test_static_merge_tuning_sees_only_the_validation_records(served, sites, mix
         return -abs(delta_norm(adapter) - target)  # best at an interior grid point
 
     build = static_merge.add_static_merge
-    static_merge.add_static_merge = lambda *a, **k: builds.append(k["params"]) or build(*a, **k)
-    try:
-        params, best = tune_static_merge(served, "ties_svd", validation, score, grid=grid)
-    finally:
-        static_merge.add_static_merge = build
+    monkeypatch.setattr(static_merge, "add_static_merge", lambda *a, **k: builds.append(k["params"]) or build(*a, **k))
+    params, best = tune_static_merge(served, "ties_svd", validation, score, grid=grid)
+    monkeypatch.undo()
     assert len(seen) == len(grid) and params == grid[reference.index(target)] and best == pytest.approx(0, abs=1e-3 * target)
     assert len(builds) == 2  # one build per density, rescaled for each λ
     assert all(records == validation for records in seen)

@@ -112,13 +112,12 @@ def summarize(seeds: list[int], reports: list[dict], variants: dict[str, list[di
                     pairs["gate_vs_best_static_conflict"] = paired(*conflict) | {"gate": best, "merge": merge}
         for variant, label in (("naive", "exact_vs_naive"), ("int8", "int8_vs_fp32")):
             runs = variants.get(variant)
-            if runs:
-                diff = paired(oracle, series("experts_oracle", runs))
-                pairs[label] = diff if variant == "naive" else {**diff, "mean": -diff["mean"]}  # int8 minus fp32
-                losses = [[r["methods"]["experts_oracle"].get("loss") for r in source] for source in (reports, runs)]
+            if runs:  # exact minus naive; int8 minus fp32
+                sides = (reports, runs) if variant == "naive" else (runs, reports)
+                pairs[label] = paired(*(series("experts_oracle", side) for side in sides))
+                losses = [[r["methods"]["experts_oracle"].get("loss") for r in side] for side in sides]
                 if all(isinstance(v, (int, float)) for side in losses for v in side):  # mixed loss, lower is better
-                    diff = paired(*losses)
-                    pairs[f"{label}_loss"] = diff if variant == "naive" else {**diff, "mean": -diff["mean"]}
+                    pairs[f"{label}_loss"] = paired(*losses)
     metric = reports[0].get("metric", "exact_match")
     return {"benchmark": "quality", "preset": reports[0].get("preset"), "metric": metric, "seeds": seeds,
             "methods": methods, "paired": pairs, "targets": targets(methods, pairs),
